@@ -1,0 +1,72 @@
+"""Settings: dataclass defaults, overridden by config.toml, overridden by the command line."""
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # default: the model directory's name
+    max_body_bytes: int = 4 * 1024 * 1024
+    shutdown_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    path: str | None = None  # None: the default model (SmolLM2-135M-Instruct), fetched and converted once
+    cache_dir: str | None = None  # None: $ASERVE_CACHE_DIR or ~/.cache/aserve
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    max_model_len: int | None = 2048  # prompt + completion tokens per request; None: the model's own context
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_num_seqs: int = 32  # KV-cache slots: requests decoding at once; more wait in the queue
+    max_num_batched_tokens: int = 512  # tokens per step; bounds how long a prefill chunk can stall decodes
+    num_threads: int = 0  # torch CPU threads; 0: one per core
+    seed: int | None = None  # seed for requests that set none; None: random
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+class ConfigError(Exception):
+    pass
+
+
+def load_config(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Reads `path` (if given) and applies `overrides` ({section: {key: value}}, None values
+    ignored) on top. Unknown sections or keys are errors: a typo must not be silently ignored."""
+    data: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    config = Config()
+    for source in (data, overrides or {}):
+        for section, values in source.items():
+            config = _apply(config, section, values, source is data)
+    return config
+
+
+def _apply(config: Config, section: str, values: Any, from_file: bool) -> Config:
+    if section not in {f.name for f in fields(Config)} or not isinstance(values, dict):
+        raise ConfigError(f"unknown config section [{section}]")
+    current = getattr(config, section)
+    known = {f.name for f in fields(current)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [{section}]: {', '.join(sorted(unknown))}")
+    # In TOML a missing key means "default"; "" stands for None where None is allowed.
+    updates = {k: (None if from_file and v == "" else v) for k, v in values.items() if from_file or v is not None}
+    return replace(config, **{section: replace(current, **updates)})

@@ -1,0 +1,206 @@
+"""The step loop: one coroutine that owns the scheduler, the model runner and the KV cache.
+
+Handlers call `generate()`, which puts the request on an asyncio queue and returns an async
+generator of text deltas. The loop admits queued requests at each step boundary, runs one
+batched forward on a single worker thread (so the event loop keeps serving meanwhile), and
+hands each new token to its request's own queue with put_nowait: it never awaits a client.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import tokenizers
+import torch
+
+from aserve.engine.detokenizer import IncrementalDetokenizer
+from aserve.engine.model_runner import ModelRunner
+from aserve.engine.scheduler import ScheduledSeq, Scheduler
+from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
+
+log = logging.getLogger("aserve.engine")
+
+
+class EngineError(Exception):
+    """The engine failed this request; other requests go on."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    text: str  # new text since the previous output
+    finish_reason: str | None  # "stop" / "length" on the last output, else None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Event:
+    token: int | None = None
+    is_text: bool = True  # False for an EOS token: counted, never shown
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class EngineLoop:
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer: tokenizers.Tokenizer) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self._incoming: asyncio.Queue[GenerationRequest] = asyncio.Queue()
+        self._streams: dict[str, asyncio.Queue[_Event]] = {}
+        self._seqs: dict[str, Sequence] = {}
+        self._aborted: set[str] = set()
+        # One fixed thread runs every forward: model state (and CUDA graphs) may be thread-bound.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-model")
+        self.steps = 0
+        self.healthy = True
+
+    # ---- the API side (event-loop thread, called from handlers) ----
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        rid = request.request_id
+        if rid in self._streams:
+            raise EngineError(f"request id {rid!r} is already running")
+        queue: asyncio.Queue[_Event] = asyncio.Queue()
+        self._streams[rid] = queue
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids, request.params.stop)
+        self._incoming.put_nowait(request)
+        prompt_tokens, completion_tokens, done = len(request.prompt_ids), 0, False
+        try:
+            while not done:
+                # Drain everything already queued: a client that fell behind gets one
+                # coalesced delta instead of one write per token.
+                events = [queue.get_nowait() if not queue.empty() else await queue.get()]
+                while not queue.empty():
+                    events.append(queue.get_nowait())
+                if error := next((e.error for e in events if e.error), None):
+                    done = True
+                    raise EngineError(error)
+                completion_tokens += sum(e.token is not None for e in events)
+                out = detok.push([e.token for e in events if e.token is not None and e.is_text])
+                finish_reason = events[-1].finish_reason
+                text = out.text
+                if out.stopped:
+                    finish_reason = "stop"
+                    self.abort(rid)  # the engine cannot see stop strings; tell it to let go
+                elif finish_reason:
+                    text += detok.finish()
+                done = finish_reason is not None
+                if text or done:
+                    yield RequestOutput(text, finish_reason, prompt_tokens, completion_tokens)
+        finally:
+            # Reached without a finish when the client went away (CancelledError in a
+            # handler, or the generator closed): free the request's slot.
+            if not done:
+                self.abort(rid)
+            self._streams.pop(rid, None)
+
+    def abort(self, request_id: str) -> None:
+        """Idempotent; the sequence leaves the batch at the next step boundary. A request
+        not admitted yet is skipped at admission, since its stream is gone."""
+        self._streams.pop(request_id, None)
+        if request_id in self._seqs:
+            self._aborted.add(request_id)
+
+    def close(self, reason: str) -> None:
+        """Ends every open stream with an error (shutdown); the loop task is cancelled after."""
+        self.healthy = False
+        for queue in self._streams.values():
+            queue.put_nowait(_Event(error=reason))
+
+    def stats(self) -> dict[str, int]:
+        kv = self.scheduler.kv_cache
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting) + self._incoming.qsize(),
+            "kv_slots_total": kv.num_slots,
+            "kv_slots_free": kv.num_free,
+            "steps": self.steps,
+        }
+
+    # ---- the step loop ----
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self.scheduler.has_work():
+                    self._admit(await self._incoming.get())
+                while not self._incoming.empty():
+                    self._admit(self._incoming.get_nowait())
+                self._drop_aborted()
+                scheduled = self.scheduler.schedule()
+                if not scheduled:
+                    await asyncio.sleep(0)
+                    continue
+                try:
+                    tokens = await loop.run_in_executor(self._executor, self.runner.run, scheduled)
+                except Exception:
+                    log.exception("batched step failed; retrying its %d sequences one by one", len(scheduled))
+                    tokens = await self._run_isolated(scheduled)
+                self.steps += 1
+                self._drop_aborted()
+                for seq, token in self.scheduler.postprocess(scheduled, tokens):
+                    self._emit(seq, token)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            self.healthy = False
+            log.exception("engine loop died")
+            raise
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _admit(self, request: GenerationRequest) -> None:
+        rid = request.request_id
+        if rid not in self._streams:
+            return
+        generator = None
+        if request.params.seed is not None:
+            generator = torch.Generator(self.runner.device).manual_seed(request.params.seed)
+        seq = Sequence(rid, list(request.prompt_ids), request.params, generator=generator)
+        self._seqs[rid] = seq
+        self.scheduler.add(seq)
+
+    def _drop_aborted(self) -> None:
+        for rid in self._aborted:
+            if (seq := self._seqs.pop(rid, None)) is not None:
+                self.scheduler.remove(seq, SequenceStatus.FINISHED_ABORTED)
+        self._aborted.clear()
+
+    async def _run_isolated(self, scheduled: list[ScheduledSeq]) -> list[int | None]:
+        """After a batched step failed, find the sequences that cause it: each runs alone,
+        and only the ones that fail alone are ended with an error."""
+        loop = asyncio.get_running_loop()
+        tokens: list[int | None] = []
+        for item in scheduled:
+            try:
+                tokens.extend(await loop.run_in_executor(self._executor, self.runner.run, [item]))
+            except Exception as exc:
+                log.exception("request %s failed in the engine", item.seq.request_id)
+                self._fail(item.seq, f"engine error: {type(exc).__name__}: {exc}")
+                tokens.append(None)
+        return tokens
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        self.scheduler.remove(seq, SequenceStatus.FINISHED_ERROR)
+        self._seqs.pop(seq.request_id, None)
+        if (queue := self._streams.get(seq.request_id)) is not None:
+            queue.put_nowait(_Event(error=message))
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        finish_reason = seq.finish_reason
+        if seq.status.finished:
+            self._seqs.pop(seq.request_id, None)
+        if (queue := self._streams.get(seq.request_id)) is not None:
+            is_text = not (finish_reason == "stop" and token in self.scheduler.eos_token_ids)
+            queue.put_nowait(_Event(token, is_text, finish_reason))

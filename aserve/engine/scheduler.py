@@ -1,0 +1,90 @@
+"""Decides, each step, which sequences run and how many tokens each computes.
+
+Decodes (one token per running sequence) always go first; the rest of the per-step token
+budget goes to prompt prefill, in chunks, so a long prompt can never stall the running
+streams for more than one bounded step. A waiting request is admitted only when a KV slot
+is free: when the cache is full it waits; nobody is rejected or evicted.
+"""
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aserve.engine.kv_cache import KVCache
+from aserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, starting at seq.num_computed
+
+    @property
+    def samples(self) -> bool:
+        # A step that reaches the end of the known tokens yields logits for the next one.
+        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, kv_cache: KVCache, max_num_batched_tokens: int, eos_token_ids: Iterable[int]) -> None:
+        self.kv_cache = kv_cache
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Takes a sequence out (finished, aborted or failed) and frees its slot at once."""
+        seq.status = status
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self.running.remove(seq)
+            self.kv_cache.free_slot(seq.slot)
+            seq.slot = None
+
+    def schedule(self) -> list[ScheduledSeq]:
+        decodes = [ScheduledSeq(s, 1) for s in self.running if not s.in_prefill]
+        budget = self.max_num_batched_tokens - len(decodes)
+        prefills: list[ScheduledSeq] = []
+        for seq in self.running:
+            if seq.in_prefill and budget > 0:
+                prefills.append(self._prefill_chunk(seq, budget))
+                budget -= prefills[-1].num_tokens
+        while self.waiting and budget > 0 and self.kv_cache.num_free:
+            seq = self.waiting.popleft()
+            seq.slot = self.kv_cache.take_slot()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            prefills.append(self._prefill_chunk(seq, budget))
+            budget -= prefills[-1].num_tokens
+        return decodes + prefills
+
+    @staticmethod
+    def _prefill_chunk(seq: Sequence, budget: int) -> ScheduledSeq:
+        return ScheduledSeq(seq, min(len(seq.prompt_ids) - seq.num_computed, budget))
+
+    def postprocess(self, scheduled: list[ScheduledSeq], tokens: list[int | None]) -> list[tuple[Sequence, int]]:
+        """Records the step's results; returns (sequence, new token) pairs. Finished sequences
+        leave the batch here, so their slots are free for the very next step."""
+        new_tokens = []
+        for item, token in zip(scheduled, tokens):
+            seq = item.seq
+            if seq.status.finished:  # aborted while the step ran
+                continue
+            seq.num_computed += item.num_tokens
+            if token is None:
+                continue
+            seq.output_ids.append(token)
+            new_tokens.append((seq, token))
+            if token in self.eos_token_ids and not seq.params.ignore_eos:
+                self.remove(seq, SequenceStatus.FINISHED_STOPPED)
+            elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.kv_cache.max_len:
+                self.remove(seq, SequenceStatus.FINISHED_LENGTH)
+        return new_tokens

@@ -1,0 +1,58 @@
+"""Builds a ready-to-serve ServingState from a Config: model, tokenizer, KV cache, engine."""
+
+import logging
+import os
+from pathlib import Path
+
+import tokenizers
+import torch
+
+from aserve.config import Config
+from aserve.engine.engine_loop import EngineLoop
+from aserve.engine.kv_cache import KVCache
+from aserve.engine.model_runner import ModelRunner
+from aserve.engine.scheduler import Scheduler
+from aserve.models.loader import load_model
+from aserve.models.store import default_cache_dir, resolve_model
+from aserve.server.serving import ServingState
+
+log = logging.getLogger("aserve")
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def build_state(config: Config) -> ServingState:
+    # Never contact a model hub at run time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    mc, ec = config.model, config.engine
+    if ec.num_threads > 0:
+        torch.set_num_threads(ec.num_threads)
+    cache_dir = Path(mc.cache_dir) if mc.cache_dir else default_cache_dir()
+    path = resolve_model(mc.path, cache_dir)
+    loaded = load_model(path, pick_device(mc.device), mc.dtype, mc.max_model_len)
+    hf_tokenizer = AutoTokenizer.from_pretrained(path)
+    # The detokenizer runs on the event loop while the tokenize thread encodes: give it its own
+    # copy of the Rust tokenizer rather than share one object across threads.
+    detok_tokenizer = tokenizers.Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+    eos = set(loaded.eos_token_ids)
+    if hf_tokenizer.eos_token_id is not None:
+        eos.add(hf_tokenizer.eos_token_id)
+    if ec.max_num_batched_tokens < ec.max_num_seqs:
+        raise ValueError("max_num_batched_tokens must be at least max_num_seqs (every decode needs one token)")
+    kv = KVCache.allocate(loaded.args, ec.max_num_seqs, loaded.max_model_len, loaded.dtype, loaded.device)
+    log.info("model %s on %s (%s); KV cache %d slots x %d tokens = %.2f GiB", path, loaded.device,
+             loaded.dtype, kv.num_slots, kv.max_len, kv.nbytes / 2**30)
+    engine = EngineLoop(
+        Scheduler(kv, ec.max_num_batched_tokens, eos),
+        ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed),
+        detok_tokenizer,
+    )
+    name = config.server.served_model_name or path.name
+    return ServingState(engine, hf_tokenizer, name, loaded.max_model_len)

@@ -1,0 +1,160 @@
+"""Builds a LlamaModel from a Hugging Face directory (config.json + safetensors)."""
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from aserve.models.llama import LlamaModel, ModelArgs, rope_tables
+
+log = logging.getLogger("aserve.loader")
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+class UnsupportedModelError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    model: LlamaModel
+    args: ModelArgs
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def read_hf_config(path: Path):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    archs = getattr(config, "architectures", None) or []
+    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{path}: architecture {archs[0] if archs else '(none given in config.json)'} is not supported; "
+            f"aserve serves {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return config
+
+
+def _rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params.get("rope_theta", 10000.0)
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise UnsupportedModelError(f"rope_type {rope_type!r} is not supported")
+    # Scaled RoPE variants (llama3, yarn, linear, ...) are computed by transformers' own tables.
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    return inv_freq, float(scaling)
+
+
+def _eos_ids(path: Path, config) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (config.eos_token_id, _generation_config(path).get("eos_token_id")):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list):
+            ids.update(source)
+    return frozenset(ids)
+
+
+def _generation_config(path: Path) -> dict:
+    file = path / "generation_config.json"
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModelError(f"{path}: no *.safetensors weights found")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def _fused_state_dict(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Maps HF tensor names onto LlamaModel's, concatenating q/k/v and gate/up."""
+    t = {name.removeprefix("model."): w for name, w in tensors.items()}
+    state = {"embed_tokens.weight": t["embed_tokens.weight"], "norm.weight": t["norm.weight"]}
+    state["lm_head.weight"] = t["embed_tokens.weight"] if args.tie_word_embeddings else tensors["lm_head.weight"]
+    for i in range(args.num_layers):
+        p = f"layers.{i}."
+        attn = p + "self_attn."
+        state[attn + "qkv_proj.weight"] = torch.cat([t[attn + f"{n}_proj.weight"] for n in "qkv"])
+        if args.qkv_bias:
+            state[attn + "qkv_proj.bias"] = torch.cat([t[attn + f"{n}_proj.bias"] for n in "qkv"])
+        state[attn + "o_proj.weight"] = t[attn + "o_proj.weight"]
+        if args.qk_norm:
+            state[attn + "q_norm.weight"] = t[attn + "q_norm.weight"]
+            state[attn + "k_norm.weight"] = t[attn + "k_norm.weight"]
+        mlp = p + "mlp."
+        state[mlp + "gate_up_proj.weight"] = torch.cat([t[mlp + "gate_proj.weight"], t[mlp + "up_proj.weight"]])
+        state[mlp + "down_proj.weight"] = t[mlp + "down_proj.weight"]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[f"{p}{norm}.weight"] = t[f"{p}{norm}.weight"]
+    return state
+
+
+def load_model(path: Path, device: str, dtype: str, max_model_len: int | None) -> LoadedModel:
+    config = read_hf_config(path)
+    tensors = _read_tensors(path)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    args = ModelArgs(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        head_dim=head_dim,
+        intermediate_size=config.intermediate_size,
+        rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings,
+        qkv_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
+        qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
+        tie_word_embeddings="lm_head.weight" not in tensors,
+    )
+    context = args.max_position_embeddings
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window:
+        # Attention here is full, so beyond the window we would compute a different model.
+        context = min(context, window)
+    max_len = min(max_model_len or context, context)
+    if max_model_len and max_model_len > context:
+        log.warning("max_model_len %d exceeds the model's context %d; using %d", max_model_len, context, context)
+
+    torch_device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    # Build on the meta device so no memory is spent on a random init we would overwrite.
+    with torch.device("meta"):
+        model = LlamaModel(args)
+    model.to_empty(device=torch_device).to(torch_dtype)
+    model.load_state_dict(_fused_state_dict(tensors, args), strict=True)
+    inv_freq, rope_scaling = _rope_inv_freq(config, head_dim)
+    model.set_rope(*(t.to(torch_device) for t in rope_tables(inv_freq, rope_scaling, max_len)))
+    model.eval()
+    return LoadedModel(model, args, max_len, _eos_ids(path, config), torch_dtype, torch_device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bfloat16 halves memory traffic on GPUs; on CPUs float32 matmuls are the fast path.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; choose auto, {', '.join(dtypes)}")
+    return dtypes[name]

@@ -1,0 +1,69 @@
+"""Server wiring: routes, middleware, and the step loop's lifetime inside the app's."""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import orjson
+from aiohttp import web
+
+from aserve.server import protocol
+from aserve.server.chat import chat_completions
+from aserve.server.errors import APIError, error_middleware
+from aserve.server.serving import ServingState
+
+
+def _json(obj: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[ServingState.KEY]
+    return _json(protocol.model_list(state.model_name, state.max_model_len))
+
+
+async def get_model(request: web.Request) -> web.Response:
+    state = request.app[ServingState.KEY]
+    if request.match_info["model"] != state.model_name:
+        raise APIError(f"the model {request.match_info['model']!r} does not exist", status=404,
+                       param="model", code="model_not_found")
+    return _json(protocol.model_card(state.model_name, state.max_model_len))
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[ServingState.KEY]
+    ok = state.engine_alive()
+    return _json({"status": "ok" if ok else "unavailable", **state.engine.stats()}, status=200 if ok else 503)
+
+
+async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
+    state = app[ServingState.KEY]
+    state.engine_task = asyncio.create_task(state.engine.run(), name="aserve-engine")
+    yield
+    state.engine.close("the server is shutting down")
+    state.engine_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await state.engine_task
+    state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def create_app(state: ServingState, max_body_bytes: int) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
+    app[ServingState.KEY] = state
+    app.cleanup_ctx.append(_engine_lifetime)
+    app.add_routes([
+        web.post("/v1/chat/completions", chat_completions),
+        web.get("/v1/models", list_models),
+        web.get("/v1/models/{model}", get_model),
+        web.get("/health", health),
+    ])
+    return app
+
+
+async def start_server(app: web.Application, host: str, port: int, shutdown_timeout: float = 5.0) -> web.AppRunner:
+    """Starts serving; returns the runner (runner.addresses has the bound port when port=0)."""
+    # handler_cancellation: a client that disconnects cancels its handler, and with it its request.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, shutdown_timeout=shutdown_timeout).start()
+    return runner
