@@ -1,0 +1,151 @@
+"""The step loop: continuous batching, cancellation, seeds and fault isolation, on a tiny model."""
+
+import asyncio
+from contextlib import asynccontextmanager
+
+import pytest
+
+from aserve.config import load_config
+from aserve.engine.engine_loop import EngineError, EngineLoop, GenerationRequest
+from aserve.engine.sequence import SamplingParams
+from aserve.launch import build_state
+
+PROMPTS = [[5, 6, 7], list(range(20, 61)), [9] * 12, list(range(100, 117))]
+
+
+@asynccontextmanager
+async def running_engine(model_dir, **engine):
+    config = load_config(None, {"model": {"path": str(model_dir), "max_model_len": 256},
+                                "engine": {"seed": 0, **engine}})
+    state = build_state(config)
+    task = asyncio.create_task(state.engine.run())
+    try:
+        yield state.engine
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def collect(engine: EngineLoop, rid: str, prompt: list[int], **params) -> tuple[str, str, int]:
+    params.setdefault("max_tokens", 12)
+    params.setdefault("temperature", 0.0)
+    params.setdefault("ignore_eos", True)
+    text, last = "", None
+    async for last in engine.generate(GenerationRequest(rid, prompt, SamplingParams(**params))):
+        text += last.text
+    return text, last.finish_reason, last.completion_tokens
+
+
+async def wait_until(predicate, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_greedy_output_is_the_same_alone_and_in_a_batch(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir, max_num_seqs=4) as engine:
+        alone = [await collect(engine, f"alone{i}", p) for i, p in enumerate(PROMPTS)]
+        together = await asyncio.gather(*(collect(engine, f"batch{i}", p) for i, p in enumerate(PROMPTS)))
+    assert together == alone
+    assert all(n == 12 and reason == "length" for _, reason, n in alone)
+
+
+async def test_chunked_prefill_gives_the_same_greedy_output(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir, max_num_batched_tokens=256) as engine:
+        whole = await collect(engine, "whole", PROMPTS[1])
+    async with running_engine(tiny_llama_dir, max_num_seqs=2, max_num_batched_tokens=8) as engine:
+        chunked = await collect(engine, "chunked", PROMPTS[1])
+    assert chunked == whole
+
+
+async def test_same_seed_gives_the_same_text_and_another_seed_differs(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir) as engine:
+        first = await collect(engine, "a", PROMPTS[0], temperature=1.0, seed=42, max_tokens=24)
+        again = await collect(engine, "b", PROMPTS[0], temperature=1.0, seed=42, max_tokens=24)
+        other = await collect(engine, "c", PROMPTS[0], temperature=1.0, seed=43, max_tokens=24)
+    assert first == again
+    assert other[0] != first[0]
+
+
+async def test_a_request_joins_and_leaves_while_another_keeps_decoding(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir) as engine:
+        long_alone = await collect(engine, "ref", PROMPTS[1], max_tokens=40)
+        long_task = asyncio.create_task(collect(engine, "long", PROMPTS[1], max_tokens=40))
+        await wait_until(lambda: engine.stats()["running"] == 1 and engine.steps > 45)
+        short = await collect(engine, "short", PROMPTS[0], max_tokens=3)
+        assert engine.stats()["running"] == 1  # the short one has left, the long one goes on
+        assert not long_task.done()
+        assert await long_task == long_alone
+    assert short[2] == 3
+
+
+async def test_closing_a_stream_aborts_its_request_and_frees_the_slot(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir, max_num_seqs=2) as engine:
+        stream = engine.generate(GenerationRequest("gone", PROMPTS[0], SamplingParams(max_tokens=200, temperature=0,
+                                                                                      ignore_eos=True)))
+        await anext(stream)
+        await anext(stream)
+        assert engine.stats()["kv_slots_free"] == 1
+        await stream.aclose()
+        await wait_until(lambda: engine.stats()["kv_slots_free"] == 2 and engine.stats()["running"] == 0)
+
+
+async def test_cancelled_consumer_aborts_its_request(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir, max_num_seqs=2) as engine:
+        task = asyncio.create_task(collect(engine, "cancel-me", PROMPTS[0], max_tokens=500))
+        await wait_until(lambda: engine.stats()["running"] == 1)
+        task.cancel()
+        await wait_until(lambda: engine.stats()["running"] == 0 and engine.stats()["kv_slots_free"] == 2)
+
+
+async def test_more_requests_than_slots_wait_and_all_finish(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir, max_num_seqs=2) as engine:
+        tasks = [asyncio.create_task(collect(engine, f"r{i}", PROMPTS[i % 4], max_tokens=6)) for i in range(6)]
+        await wait_until(lambda: engine.stats()["waiting"] > 0)
+        results = await asyncio.gather(*tasks)
+    assert [n for _, _, n in results] == [6] * 6
+
+
+class _PoisonedRunner:
+    """Fails every step that includes the poisoned request: a fault in one request's data."""
+
+    def __init__(self, runner, poison_id: str) -> None:
+        self._runner, self._poison = runner, poison_id
+        self.device = runner.device
+
+    def run(self, scheduled):
+        if any(item.seq.request_id == self._poison for item in scheduled):
+            raise RuntimeError("injected fault")
+        return self._runner.run(scheduled)
+
+
+async def test_engine_error_ends_only_the_affected_request(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir) as engine:
+        expected = [await collect(engine, f"ref{i}", p) for i, p in enumerate(PROMPTS[:2])]
+        engine.runner = _PoisonedRunner(engine.runner, "bad")
+        results = await asyncio.gather(
+            collect(engine, "ok0", PROMPTS[0]), collect(engine, "bad", PROMPTS[2]), collect(engine, "ok1", PROMPTS[1]),
+            return_exceptions=True)
+        assert results[0] == expected[0] and results[2] == expected[1]
+        assert isinstance(results[1], EngineError) and "injected fault" in str(results[1])
+        # The loop goes on serving, and the failed request's slot is free again.
+        assert await collect(engine, "after", PROMPTS[0]) == expected[0]
+        assert engine.stats()["kv_slots_free"] == engine.stats()["kv_slots_total"]
+
+
+async def test_stop_string_ends_the_request_in_the_engine(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir) as engine:
+        full, _, _ = await collect(engine, "full", PROMPTS[3], max_tokens=30)
+        stop = full[10:13]
+        cut, reason, _ = await collect(engine, "cut", PROMPTS[3], max_tokens=30, stop=(stop,))
+        await wait_until(lambda: engine.stats()["running"] == 0)
+    assert reason == "stop"
+    assert cut == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2_dir", "tiny_qwen3_dir"])
+async def test_qwen_models_batch_like_they_run_alone(fixture, request):
+    async with running_engine(request.getfixturevalue(fixture)) as engine:
+        alone = [await collect(engine, f"alone{i}", p) for i, p in enumerate(PROMPTS)]
+        together = await asyncio.gather(*(collect(engine, f"batch{i}", p) for i, p in enumerate(PROMPTS)))
+    assert together == alone

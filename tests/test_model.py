@@ -1,0 +1,88 @@
+"""Our Llama-family forward over the slot KV cache computes what transformers computes."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from aserve.engine.kv_cache import KVCache
+from aserve.engine.model_runner import ModelRunner
+from aserve.engine.scheduler import ScheduledSeq
+from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
+from aserve.models.loader import UnsupportedModelError, load_model, read_hf_config
+
+ARCH_FIXTURES = ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_qwen3_dir"]
+
+
+def _seq(rid: str, prompt: list[int], slot: int) -> Sequence:
+    return Sequence(rid, prompt, SamplingParams(max_tokens=8, temperature=0), status=SequenceStatus.RUNNING, slot=slot)
+
+
+def _logits(runner: ModelRunner, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+    with torch.inference_mode():
+        out = runner.model(runner._build_batch(scheduled), runner.kv_cache.k, runner.kv_cache.v)
+    for item in scheduled:
+        item.seq.num_computed += item.num_tokens
+    return out
+
+
+def _reference(path, ids: list[int]) -> torch.Tensor:
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.inference_mode():
+        return hf(torch.tensor([ids])).logits[0]
+
+
+@pytest.fixture(params=ARCH_FIXTURES)
+def model_dir(request):
+    return request.getfixturevalue(request.param)
+
+
+def _runner(path) -> ModelRunner:
+    loaded = load_model(path, "cpu", "float32", 128)
+    kv = KVCache.allocate(loaded.args, 4, loaded.max_model_len, loaded.dtype, loaded.device)
+    return ModelRunner(loaded.model, kv, loaded.device, seed=0)
+
+
+def test_prefill_logits_match_transformers(model_dir):
+    runner = _runner(model_dir)
+    prompt = list(range(3, 20))
+    seq = _seq("a", prompt, slot=1)
+    logits = _logits(runner, [ScheduledSeq(seq, len(prompt))])
+    torch.testing.assert_close(logits[0], _reference(model_dir, prompt)[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_prefill_gives_the_same_logits_as_one_chunk(model_dir):
+    runner = _runner(model_dir)
+    prompt = list(range(5, 30))
+    seq = _seq("a", prompt, slot=2)
+    for n in (10, 10):
+        _logits(runner, [ScheduledSeq(seq, n)])
+    last = _logits(runner, [ScheduledSeq(seq, 5)])
+    torch.testing.assert_close(last[0], _reference(model_dir, prompt)[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_batched_decode_of_different_lengths_matches_transformers(model_dir):
+    runner = _runner(model_dir)
+    short, long = [7, 8, 9], list(range(10, 40))
+    a, b = _seq("a", short, slot=3), _seq("b", long, slot=0)
+    _logits(runner, [ScheduledSeq(a, len(short)), ScheduledSeq(b, len(long))])
+    a.output_ids.append(11)
+    b.output_ids.append(12)
+    # One step mixing two decodes (slots 3 and 0, so idle slots 1-2 sit between) and a new prefill.
+    c = _seq("c", [4, 5, 6, 7], slot=1)
+    logits = _logits(runner, [ScheduledSeq(a, 1), ScheduledSeq(b, 1), ScheduledSeq(c, 4)])
+    torch.testing.assert_close(logits[0], _reference(model_dir, short + [11])[-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1], _reference(model_dir, long + [12])[-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[2], _reference(model_dir, [4, 5, 6, 7])[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_architecture_is_refused_with_its_name(tmp_path, tiny_llama_dir):
+    import json
+    import shutil
+
+    shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    config["model_type"] = "gpt2"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*not supported"):
+        read_hf_config(tmp_path / "m")

@@ -1,0 +1,101 @@
+"""Scheduling decisions, tested without a model: the runner's part is played by hand."""
+
+import torch
+
+from aserve.engine.kv_cache import KVCache
+from aserve.engine.scheduler import Scheduler
+from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
+
+EOS = 2
+
+
+def _scheduler(slots: int = 2, budget: int = 16, max_len: int = 64) -> Scheduler:
+    shape = (1, slots, 1, max_len, 4)
+    kv = KVCache(torch.zeros(shape), torch.zeros(shape), list(range(slots)))
+    return Scheduler(kv, budget, [EOS])
+
+
+def _seq(rid: str, prompt_len: int = 4, max_tokens: int = 10) -> Sequence:
+    return Sequence(rid, list(range(10, 10 + prompt_len)), SamplingParams(max_tokens=max_tokens, temperature=0))
+
+
+def _step(s: Scheduler, token: int = 5):
+    scheduled = s.schedule()
+    tokens = [token if item.samples else None for item in scheduled]
+    return scheduled, s.postprocess(scheduled, tokens)
+
+
+def test_new_request_joins_a_running_batch_at_the_next_step():
+    s = _scheduler()
+    a, b = _seq("a"), _seq("b")
+    s.add(a)
+    _step(s)
+    s.add(b)
+    scheduled, _ = _step(s)
+    assert [(i.seq.request_id, i.num_tokens) for i in scheduled] == [("a", 1), ("b", 4)]
+
+
+def test_finished_sequence_leaves_and_frees_its_slot_in_the_same_step():
+    s = _scheduler()
+    a, b = _seq("a", max_tokens=2), _seq("b", max_tokens=10)
+    s.add(a)
+    s.add(b)
+    _step(s)
+    _step(s)
+    assert a.status == SequenceStatus.FINISHED_LENGTH and a.slot is None
+    assert s.running == [b] and s.kv_cache.num_free == 1
+
+
+def test_eos_finishes_with_stop():
+    s = _scheduler()
+    a = _seq("a")
+    s.add(a)
+    _step(s, token=EOS)
+    assert a.finish_reason == "stop" and a.output_ids == [EOS]
+
+
+def test_requests_beyond_the_slots_wait_instead_of_being_rejected():
+    s = _scheduler(slots=2)
+    seqs = [_seq(str(i)) for i in range(3)]
+    for q in seqs:
+        s.add(q)
+    _step(s)
+    assert [q.status for q in seqs] == [SequenceStatus.RUNNING, SequenceStatus.RUNNING, SequenceStatus.WAITING]
+    s.remove(seqs[0], SequenceStatus.FINISHED_ABORTED)
+    scheduled, _ = _step(s)
+    assert seqs[2] in [i.seq for i in scheduled] and seqs[2].slot == 0
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_decodes_go_on():
+    s = _scheduler(budget=8)
+    a, long = _seq("a"), _seq("long", prompt_len=20)
+    s.add(a)
+    _step(s)
+    s.add(long)
+    chunks = []
+    while long.in_prefill:
+        scheduled, _ = _step(s)
+        assert scheduled[0].seq is a and scheduled[0].num_tokens == 1  # a decodes every step
+        assert sum(i.num_tokens for i in scheduled) <= 8
+        chunks.append(scheduled[1].num_tokens)
+    assert chunks == [7, 7, 6]
+    assert long.output_ids == [5]  # sampled only once the whole prompt was in
+
+
+def test_aborted_sequence_is_skipped_by_postprocess():
+    s = _scheduler()
+    a = _seq("a")
+    s.add(a)
+    scheduled = s.schedule()
+    s.remove(a, SequenceStatus.FINISHED_ABORTED)  # abort arrives while the step runs
+    assert s.postprocess(scheduled, [5]) == []
+    assert a.output_ids == [] and s.kv_cache.num_free == 2
+
+
+def test_context_limit_finishes_with_length():
+    s = _scheduler(max_len=6)
+    a = _seq("a", prompt_len=4, max_tokens=100)
+    s.add(a)
+    _step(s)
+    _step(s)
+    assert a.num_tokens == 6 and a.finish_reason == "length"
