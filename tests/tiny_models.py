@@ -1,0 +1,170 @@
+"""Tiny random-weight models and tokenizers, built at test time (no model hub needed).
+
+The tokenizers are deliberately hostile to naive streaming: many CJK characters and emoji are
+split over several byte tokens, and the SentencePiece-style one drops the leading space of a
+single-token decode (lessons-from-peers items 1 and 2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+EOS_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world! Hello there, how are you today?",
+    "The capital of France is Paris. The capital of Japan is Tokyo.",
+    "Once upon a time, there was a little robot who loved to read stories.",
+    "I am testing out streaming of tokens with spaces between the words.",
+    "Daenerys is the Khaleesi of the great grass sea.",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2024.",
+    "You are a helpful assistant. Answer the question briefly and clearly.",
+    "Streaming output must match the non-streaming output, byte for byte.",
+    "你好世界",
+    "你好，世界！今天天气很好。",
+    "巴黎是法国的首都。东京是日本的首都。",
+    "我可以帮助你完成各种任务。",
+    "中文文本的流式输出不能出现乱码。",
+    "Emoji time: 👋🌍🎉 and a family 👨‍👩‍👧 waving 👋 at the world 🌍.",
+    "Party 🎉🎉 with friends 😀 and cake 🎂!",
+    "Mixed: hello 你好 👋 world 世界 🌍 party 🎉.",
+]
+
+
+def _training_corpus() -> list[str]:
+    # Repeat the English lines so the merges mostly go to English words; CJK and emoji stay
+    # rare and therefore remain split over several byte tokens.
+    return [line for line in CORPUS for _ in range(3 if line.isascii() else 1)]
+
+
+def _save_transformers_tokenizer(tok: Tokenizer, out_dir: Path, bos: str | None = None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        bos_token=bos,
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>"],
+        model_max_length=512,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+
+
+def build_bpe_tokenizer(out_dir: Path) -> None:
+    """Byte-level BPE (GPT-2 / Qwen / SmolLM style), vocab ~500."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    _save_transformers_tokenizer(tok, Path(out_dir))
+
+
+def build_sentencepiece_tokenizer(out_dir: Path) -> None:
+    """Llama/SentencePiece style: Metaspace "▁", BPE with byte fallback, Strip(start=1) decoder."""
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    # Train on an ASCII(+▁) alphabet only, so every non-ASCII character goes through <0xNN>
+    # byte-fallback tokens, as rare characters do in Llama.
+    ascii_alphabet = [chr(c) for c in range(32, 127)] + ["▁"]
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = metaspace
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=ascii_alphabet,
+        limit_alphabet=len(ascii_alphabet),
+        show_progress=False,
+    )
+    trainer_tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    trained = json.loads(trainer_tok.to_str())["model"]
+    pieces = sorted(trained["vocab"].items(), key=lambda kv: kv[1])
+
+    # Llama id layout: special tokens, then the 256 byte tokens, then the learned pieces.
+    vocab: dict[str, int] = {}
+    for t in SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)] + [p for p, _ in pieces]:
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True))
+    tok.pre_tokenizer = metaspace
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    _save_transformers_tokenizer(tok, Path(out_dir))
+
+
+_ARCHES = {
+    # tie_word_embeddings differs on purpose so loaders see both layouts.
+    "llama": (LlamaConfig, dict(head_dim=16, tie_word_embeddings=False)),
+    "qwen2": (Qwen2Config, dict(tie_word_embeddings=True)),  # q/k/v bias is built into Qwen2
+    "qwen3": (Qwen3Config, dict(head_dim=16, tie_word_embeddings=True)),
+}
+
+
+def build_tiny_model(out_dir: Path, arch: str = "llama", tokenizer: str = "bpe", seed: int = 0) -> Path:
+    """A 2-layer random-weight causal LM plus its tokenizer, saved as a HF model dir."""
+    out_dir = Path(out_dir)
+    if tokenizer == "bpe":
+        build_bpe_tokenizer(out_dir)
+    elif tokenizer in ("sp", "sentencepiece"):
+        build_sentencepiece_tokenizer(out_dir)
+    else:
+        raise ValueError(f"unknown tokenizer kind {tokenizer!r}")
+    tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    config_cls, extra = _ARCHES[arch]
+    config = config_cls(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,  # large, so greedy argmax varies by position instead of repeating
+        bos_token_id=tok.token_to_id("<|endoftext|>"),
+        eos_token_id=tok.token_to_id(EOS_TOKEN),
+        pad_token_id=tok.token_to_id(PAD_TOKEN),
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        # Default init leaves norms at 1 and biases at 0; randomize them so a loader that drops
+        # or misplaces them gives different logits than transformers does.
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.bos_token_id = config.bos_token_id
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
