@@ -54,7 +54,8 @@ def create_app(state: ServingState, max_body_bytes: int) -> web.Application:
     app.add_routes([
         web.post("/v1/chat/completions", chat_completions),
         web.get("/v1/models", list_models),
-        web.get("/v1/models/{model}", get_model),
+        # `.+`: served names such as "org/model" hold a slash, which {model} alone would not match.
+        web.get("/v1/models/{model:.+}", get_model),
         web.get("/health", health),
     ])
     return app
@@ -65,5 +66,6 @@ async def start_server(app: web.Application, host: str, port: int, shutdown_time
     # handler_cancellation: a client that disconnects cancels its handler, and with it its request.
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port, shutdown_timeout=shutdown_timeout).start()
+    # shutdown_timeout belongs to the runner; passing it to the site too is deprecated (and redundant).
+    await web.TCPSite(runner, host, port).start()
     return runner

@@ -35,15 +35,20 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except APIError as exc:
         return exc.response()
-    except web.HTTPRequestEntityTooLarge as exc:
-        return APIError(f"request body too large: {exc.actual_size} bytes, the limit is {exc.max_size}",
+    except web.HTTPRequestEntityTooLarge:
+        # aiohttp's exception does not keep the sizes (its max_size/actual_size are only
+        # used for its text), so name the limit from the request.
+        return APIError(f"request body too large: the limit is {request.client_max_size} bytes",
                         status=413, code="request_too_large").response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status)
         message = f"{request.method} {request.path}: {exc.reason}"
-        return APIError(message, status=exc.status, code=code).response()
+        response = APIError(message, status=exc.status, code=code).response()
+        if "Allow" in exc.headers:  # a 405 must say which methods the resource allows (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return APIError("internal server error", status=500).response()
