@@ -82,18 +82,24 @@ class EngineLoop:
                 events = [queue.get_nowait() if not queue.empty() else await queue.get()]
                 while not queue.empty():
                     events.append(queue.get_nowait())
-                if error := next((e.error for e in events if e.error), None):
-                    done = True
-                    raise EngineError(error)
-                completion_tokens += sum(e.token is not None for e in events)
-                out = detok.push([e.token for e in events if e.token is not None and e.is_text])
-                finish_reason = events[-1].finish_reason
-                text = out.text
-                if out.stopped:
-                    finish_reason = "stop"
-                    self.abort(rid)  # the engine cannot see stop strings; tell it to let go
-                elif finish_reason:
-                    text += detok.finish()
+                text, finish_reason = "", None
+                for event in events:
+                    if event.error:
+                        done = True
+                        raise EngineError(event.error)
+                    completion_tokens += 1
+                    if event.is_text:
+                        out = detok.push((event.token,))
+                        text += out.text
+                        if out.stopped:
+                            # The engine cannot see stop strings: tell it to let go. Tokens
+                            # drained after the stop are neither shown nor counted.
+                            finish_reason = "stop"
+                            self.abort(rid)
+                            break
+                    if event.finish_reason:
+                        finish_reason = event.finish_reason
+                        text += detok.finish()
                 done = finish_reason is not None
                 if text or done:
                     yield RequestOutput(text, finish_reason, prompt_tokens, completion_tokens)
