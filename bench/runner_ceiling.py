@@ -1,0 +1,59 @@
+"""The model runner alone, no HTTP: decode steps/s and tokens/s per batch size.
+
+This is the ceiling the whole server can approach: `python bench/runner_ceiling.py
+--batch 1 8 32 --context 128`. It fills `batch` slots with prompts of `context` tokens,
+then times decode steps (batched forward + sampling + the host sync that reads tokens).
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from aserve.engine.kv_cache import KVCache
+from aserve.engine.model_runner import ModelRunner
+from aserve.engine.scheduler import ScheduledSeq
+from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
+from aserve.models.loader import load_model
+from aserve.models.store import default_cache_dir, resolve_model
+
+
+def measure(runner: ModelRunner, batch: int, context: int, steps: int) -> float:
+    seqs = [Sequence(f"s{i}", [(7 * i + j) % 1000 + 10 for j in range(context)],
+                     SamplingParams(max_tokens=10**6, temperature=0), status=SequenceStatus.RUNNING, slot=i)
+            for i in range(batch)]
+    for seq in seqs:  # prefill, untimed
+        token = runner.run([ScheduledSeq(seq, context)])[0]
+        seq.num_computed, seq.output_ids = context, [token]
+    start = time.perf_counter()
+    for _ in range(steps):
+        tokens = runner.run([ScheduledSeq(s, 1) for s in seqs])
+        for seq, token in zip(seqs, tokens):
+            seq.num_computed += 1
+            seq.output_ids.append(token)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="HF dir or .gguf (default: the default model)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    path = resolve_model(args.model, default_cache_dir())
+    loaded = load_model(Path(path), args.device, args.dtype, args.context + args.steps + 8)
+    kv = KVCache.allocate(loaded.args, max(args.batch), loaded.max_model_len, loaded.dtype, loaded.device)
+    runner = ModelRunner(loaded.model, kv, loaded.device, seed=0)
+    print(f"threads={torch.get_num_threads()} context={args.context} dtype={loaded.dtype}")
+    print("batch  step_ms  tokens/s")
+    for batch in args.batch:
+        elapsed = measure(runner, batch, args.context, args.steps)
+        print(f"{batch:5d}  {1000 * elapsed / args.steps:7.1f}  {batch * args.steps / elapsed:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
