@@ -5,9 +5,14 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aserve.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from aserve.server.serving import ServingState
 
 log = logging.getLogger("aserve")
 
@@ -44,11 +49,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
     return out
 
 
-async def _serve(config: Config) -> None:
-    from aserve.launch import build_state
+async def _serve(config: Config, state: "ServingState") -> None:
     from aserve.server.app import create_app, start_server
 
-    state = build_state(config)  # before listening: /health answers 200 only with a model loaded
     app = create_app(state, config.server.max_body_bytes)
     runner = await start_server(app, config.server.host, config.server.port, config.server.shutdown_timeout)
     stop = asyncio.Event()
@@ -59,32 +62,76 @@ async def _serve(config: Config) -> None:
     print(f"aserve: serving {state.model_name!r} at http://{host}:{port} (OpenAI API under /v1)", flush=True)
     await stop.wait()
     print("aserve: shutting down", flush=True)
-    await runner.cleanup()
+    # aiohttp gives open requests shutdown_timeout seconds to finish, but it cannot cancel a handler
+    # that waits on the engine: it then waits shutdown_timeout once more and cuts the connection, so a
+    # stream lost its [DONE] and stopping took twice the timeout. So end the engine's streams when the
+    # grace period is over: they close with an error event and [DONE] and their handlers return. This
+    # happens a moment *before* aiohttp's own deadline: a handler returning at the very moment that
+    # deadline passes makes aiohttp log an InvalidStateError traceback (its _handler_waiter race).
+    grace = max(config.server.shutdown_timeout, 0.0)
+    deadline = loop.call_later(grace - min(0.5, grace / 4), state.engine.close, "the server is shutting down")
+    try:
+        await runner.cleanup()
+    finally:
+        deadline.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config_path = args.config or (Path("config.toml") if Path("config.toml").is_file() else None)
+    # Until the event loop installs its own handlers, SIGINT and SIGTERM interrupt whatever runs (a
+    # download, a conversion, loading): the model is loaded before the loop starts, on this thread, so
+    # that both signals stop it at once and its clean-up (`finally`, temporary dirs) runs. Inside the
+    # loop, a blocking load held off SIGINT until it had finished, and SIGTERM killed the process
+    # outright, leaving partial conversion dirs in the cache.
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise _Interrupted
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         config = load_config(config_path, _overrides(args))
-        runner = _event_loop_runner()
-        runner(_serve(config))
-    except KeyboardInterrupt:  # Ctrl-C while the model was still loading
-        print("aserve: interrupted", file=sys.stderr)
-        return 130
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"aserve: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from aserve.models.loader import UnsupportedModelError
-        from aserve.models.store import ModelStoreError
+        from aserve.launch import build_state
 
-        if isinstance(exc, (ModelStoreError, UnsupportedModelError)):
+        state = build_state(config)  # before listening: /health answers 200 only with a model loaded
+        runner = _event_loop_runner()
+        runner(_serve(config, state))
+    except (_Interrupted, KeyboardInterrupt):  # a signal while the model was still loading
+        return _interrupted(received[0] if received else signal.SIGINT)
+    except Exception as exc:
+        if received:  # library code (torch) can turn the interrupt into an exception of its own
+            return _interrupted(received[0])
+        if isinstance(exc, (ConfigError, ValueError, OSError)) or _is_model_error(exc):
             print(f"aserve: error: {exc}", file=sys.stderr)
             return 2
         raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return 0
+
+
+def _is_model_error(exc: Exception) -> bool:
+    from aserve.models.loader import UnsupportedModelError
+    from aserve.models.store import ModelStoreError
+
+    return isinstance(exc, (ModelStoreError, UnsupportedModelError))
+
+
+class _Interrupted(BaseException):
+    """Raised by SIGINT/SIGTERM while loading. Not a KeyboardInterrupt: CPython can remember a
+    KeyboardInterrupt that passed through C-level code during loading and then kill the process with
+    SIGINT at exit although we caught it (seen in about 1 of 3 SIGTERMs during a conversion)."""
+
+
+def _interrupted(signum: int) -> int:
+    print(f"aserve: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+    return 128 + signum
 
 
 def _event_loop_runner():

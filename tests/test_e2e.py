@@ -1,0 +1,389 @@
+"""End-to-end tests: `aserve serve` as a real subprocess on the real default model.
+
+The model is SmolLM2-135M-Instruct, resolved like `aserve serve` with no --model does: from
+$ASERVE_CACHE_DIR if set, else ~/.cache/aserve. The first run downloads (~93 MB) and converts it
+(~25 s); later runs reuse the cache. Run only these with `pytest -m e2e`, skip them with `-m "not e2e"`.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from aiohttp_sse_client.client import READY_STATE_CONNECTING, EventSource
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 300.0  # a first run downloads and converts the model
+STOP_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 60.0
+MAX_NUM_SEQS = 4
+MAX_MODEL_LEN = 1024
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Write a long story about a dragon."}]
+
+_SERVING = re.compile(r"serving (?P<name>.+?) at (?P<url>http://\S+)")
+# The CLI's log format is "%(asctime)s %(levelname)s %(name)s: %(message)s".
+_ERROR_LOG = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) ", re.MULTILINE)
+
+
+# ---------------------------------------------------------------------------
+# The server process
+# ---------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m aserve serve` in the repo root (so config.toml is read), stdout+stderr captured."""
+
+    def __init__(self, *extra_args: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model_name: str | None = None
+        self.announced_url: str | None = None
+        cmd = [sys.executable, "-m", "aserve", "serve", "--port", str(self.port),
+               "--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN), *extra_args]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")  # ASERVE_CACHE_DIR, if set, passes through
+        self._lines: list[str] = []
+        self._ready = threading.Event()
+        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, encoding="utf-8", errors="replace")
+        # A thread drains the pipe for the whole life of the process, so it can never fill up.
+        self._reader = threading.Thread(target=self._read, name="aserve-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.append(line)
+            if not self._ready.is_set() and (m := _SERVING.search(line)):
+                name = m["name"]
+                self.model_name = ast.literal_eval(name) if name[:1] in "'\"" else name
+                self.announced_url = m["url"].rstrip("/")
+                self._ready.set()
+        self._ready.set()  # EOF: the process died before serving
+
+    @property
+    def output(self) -> str:
+        return "".join(self._lines)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        if not self._ready.wait(timeout) or self.model_name is None:
+            self.kill()
+            pytest.fail(f"aserve did not print its 'serving ... at http://...' line within {timeout:.0f} s "
+                        f"(exit code {self.proc.returncode}); output:\n{self.output[-5000:]}")
+        assert self.announced_url is not None and self.announced_url.endswith(f":{self.port}"), self.output
+
+    def stop(self, sig: signal.Signals) -> tuple[int, float]:
+        """Sends `sig`; returns (exit code, seconds to exit). Fails if it takes over STOP_TIMEOUT_S."""
+        start = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"aserve did not exit within {STOP_TIMEOUT_S:.0f} s of {sig.name}; "
+                        f"output:\n{self.output[-5000:]}")
+        elapsed = time.monotonic() - start
+        self._reader.join(5)
+        return code, elapsed
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reader.join(5)
+
+    def assert_clean_exit(self, sig: signal.Signals) -> float:
+        code, elapsed = self.stop(sig)
+        out = self.output
+        assert code == 0, f"exit code {code} after {sig.name}; output:\n{out[-5000:]}"
+        assert "Traceback" not in out, f"traceback in the server's output:\n{out[-5000:]}"
+        assert not _ERROR_LOG.search(out), f"error logged by the server:\n{out[-5000:]}"
+        assert "aserve: shutting down" in out, out[-2000:]
+        return elapsed
+
+
+def _start(*extra_args: str) -> ServerProcess:
+    server = ServerProcess(*extra_args)
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    srv = _start()
+    try:
+        yield srv
+    finally:
+        if srv.proc.poll() is None:
+            srv.assert_clean_exit(signal.SIGINT)
+        else:
+            pytest.fail(f"aserve exited early with code {srv.proc.returncode}:\n{srv.output[-5000:]}")
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as session:
+        yield session
+
+
+# ---------------------------------------------------------------------------
+# Client helpers
+# ---------------------------------------------------------------------------
+def _payload(messages: list[dict], *, stream: bool, max_tokens: int, **extra) -> dict:
+    return {"messages": messages, "temperature": 0, "max_tokens": max_tokens, "stream": stream, **extra}
+
+
+async def _sse_events(http: aiohttp.ClientSession, url: str, payload: dict) -> tuple[list[dict], bool]:
+    """POSTs a streaming chat request with aiohttp-sse-client; returns (parsed chunks, saw [DONE])."""
+    es: EventSource | None = None
+
+    def on_error() -> None:
+        # aiohttp-sse-client 0.2.1 treats the end of the body as a dropped connection and would
+        # POST again (a second generation); raising here stops that (see bench/load.py).
+        if es is not None and es.ready_state == READY_STATE_CONNECTING:
+            raise AssertionError("the stream ended before 'data: [DONE]'")
+
+    chunks: list[dict] = []
+    es = EventSource(url + "/v1/chat/completions", option={"method": "POST"}, session=http, json=payload,
+                     max_connect_retry=0, reconnection_time=timedelta(0), on_error=on_error, headers={})
+    async with es:
+        async for event in es:
+            if event.data == "[DONE]":
+                return chunks, True  # stop here, or the library would reconnect
+            chunks.append(orjson.loads(event.data))
+    return chunks, False
+
+
+async def _raw_stream(http: aiohttp.ClientSession, url: str, payload: dict) -> tuple[list[bytes], bool]:
+    """The `data:` payloads of a stream as raw bytes (no decoding by a client library)."""
+    events: list[bytes] = []
+    async with http.post(url + "/v1/chat/completions", json=payload) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                data = line[len(b"data: "):].rstrip(b"\r\n")
+                if data == b"[DONE]":
+                    return events, True
+                events.append(data)
+    return events, False
+
+
+def _content(chunks: list[dict]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+
+
+async def _health(http: aiohttp.ClientSession, url: str) -> dict:
+    async with http.get(url + "/health") as resp:
+        assert resp.status == 200
+        return await resp.json()
+
+
+async def _wait_idle(http: aiohttp.ClientSession, url: str, within: float = 5.0) -> dict:
+    deadline = time.monotonic() + within
+    while True:
+        h = await _health(http, url)
+        if h["running"] == 0 and h["waiting"] == 0 and h["kv_slots_free"] == h["kv_slots_total"]:
+            return h
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server is not idle {within:.0f} s after the last client left: {h}")
+        await asyncio.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------
+@pytest.mark.e2e
+async def test_health_and_models_list(server: ServerProcess, http: aiohttp.ClientSession) -> None:
+    assert server.model_name == DEFAULT_MODEL_ID
+    h = await _health(http, server.url)
+    assert h["status"] == "ok"
+    assert h["kv_slots_total"] == MAX_NUM_SEQS
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0) as client:
+        models = client.models.list()
+        assert [m.id for m in models.data] == [server.model_name]
+        assert client.models.retrieve(server.model_name).id == server.model_name
+
+
+@pytest.mark.e2e
+async def test_sse_client_stream(server: ServerProcess, http: aiohttp.ClientSession) -> None:
+    async with asyncio.timeout(REQUEST_TIMEOUT_S):
+        chunks, done = await _sse_events(http, server.url, _payload(CAPITAL, stream=True, max_tokens=64))
+    assert done, "the stream did not end with data: [DONE]"
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == server.model_name for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert "Paris" in _content(chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.e2e
+def test_openai_sdk_sync(server: ServerProcess) -> None:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0,
+                       timeout=REQUEST_TIMEOUT_S) as client:
+        resp = client.chat.completions.create(model=server.model_name, messages=CAPITAL, temperature=0,
+                                              max_tokens=64)
+        assert resp.model == server.model_name
+        choice = resp.choices[0]
+        assert "Paris" in choice.message.content
+        assert choice.message.role == "assistant"
+        assert choice.finish_reason == "stop"
+        assert resp.usage is not None
+        assert resp.usage.prompt_tokens > 0 and 0 < resp.usage.completion_tokens <= 64
+        assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+        chunks = list(client.chat.completions.create(
+            model=server.model_name, messages=CAPITAL, temperature=0, max_tokens=64, stream=True,
+            stream_options={"include_usage": True}))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in content
+    assert content == choice.message.content  # temperature 0: the same text either way
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.model_dump() == resp.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+@pytest.mark.e2e
+async def test_openai_sdk_async_stream(server: ServerProcess) -> None:
+    async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0,
+                                  timeout=REQUEST_TIMEOUT_S) as client:
+        stream = await client.chat.completions.create(model=server.model_name, messages=CAPITAL,
+                                                      temperature=0, max_tokens=64, stream=True)
+        parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+    assert "Paris" in "".join(parts)
+
+
+@pytest.mark.e2e
+async def test_disconnect_mid_stream_frees_the_slot(server: ServerProcess, http: aiohttp.ClientSession) -> None:
+    async with asyncio.timeout(REQUEST_TIMEOUT_S):
+        await _wait_idle(http, server.url)
+        resp = await http.post(server.url + "/v1/chat/completions",
+                               json=_payload(STORY, stream=True, max_tokens=500))
+        assert resp.status == 200
+        content_events = 0
+        async for line in resp.content:
+            if line.startswith(b"data: ") and b'"content":"' in line and b'"content":""' not in line:
+                content_events += 1
+                if content_events == 3:
+                    break
+        during = await _health(http, server.url)
+        assert during["running"] == 1 and during["kv_slots_free"] == during["kv_slots_total"] - 1, during
+        resp.close()  # drops the connection mid-stream
+        after = await _wait_idle(http, server.url, within=5.0)
+        # The aborted request stopped decoding: the step counter no longer moves.
+        await asyncio.sleep(0.3)
+        assert (await _health(http, server.url))["steps"] == after["steps"]
+
+        # All the capacity is usable again: 4 streams decode at once, each in its own slot.
+        started = [asyncio.Event() for _ in range(MAX_NUM_SEQS)]
+
+        async def one(i: int) -> tuple[str, str | None, dict | None]:
+            text, finish, usage = "", None, None
+            async with http.post(server.url + "/v1/chat/completions",
+                                 json=_payload(STORY, stream=True, max_tokens=40,
+                                               stream_options={"include_usage": True})) as r:
+                assert r.status == 200, await r.text()
+                async for line in r.content:
+                    if not line.startswith(b"data: "):
+                        continue
+                    if line.strip() == b"data: [DONE]":
+                        return text, finish, usage
+                    chunk = orjson.loads(line[len(b"data: "):])
+                    assert "error" not in chunk, chunk
+                    usage = chunk.get("usage") or usage
+                    if chunk["choices"]:
+                        text += chunk["choices"][0]["delta"].get("content") or ""
+                        finish = chunk["choices"][0]["finish_reason"] or finish
+                        if text:
+                            started[i].set()
+            raise AssertionError("stream ended without [DONE]")
+
+        tasks = [asyncio.create_task(one(i)) for i in range(MAX_NUM_SEQS)]
+        all_started = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in started)))
+        await asyncio.wait([all_started, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        busy = await _health(http, server.url) if all_started.done() else None
+        all_started.cancel()
+        results = await asyncio.gather(*tasks)
+    assert busy is not None, "a stream ended before all of them had started"
+    assert busy["running"] == MAX_NUM_SEQS and busy["kv_slots_free"] == 0, busy
+    for text, finish, usage in results:
+        assert text and finish == "length" and usage["completion_tokens"] == 40
+    await _wait_idle(http, server.url)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("prompt", "max_tokens"), [
+    ("Translate 'hello world' into Chinese.", 64),
+    # 11 tokens: SmolLM2 spends 3 byte tokens per emoji, so the 4th is cut after 2 of them; those
+    # partial bytes must not come out as U+FFFD.
+    ("Reply with three emoji.", 11),
+], ids=["chinese", "emoji"])
+async def test_multibyte_stream_matches_non_stream(server: ServerProcess, http: aiohttp.ClientSession,
+                                                    prompt: str, max_tokens: int) -> None:
+    messages = [{"role": "user", "content": prompt}]
+    async with asyncio.timeout(REQUEST_TIMEOUT_S):
+        events, done = await _raw_stream(http, server.url, _payload(messages, stream=True, max_tokens=max_tokens))
+        async with http.post(server.url + "/v1/chat/completions",
+                             json=_payload(messages, stream=False, max_tokens=max_tokens)) as resp:
+            assert resp.status == 200
+            body = orjson.loads(await resp.read())
+    assert done
+    chunks = [orjson.loads(e.decode("utf-8", errors="strict")) for e in events]  # every event is valid UTF-8
+    deltas = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]]
+    assert not [d for d in deltas if "\ufffd" in d], deltas
+    streamed = "".join(deltas)
+    expected = body["choices"][0]["message"]["content"]
+    assert "\ufffd" not in expected
+    assert any(ord(ch) > 0x7F for ch in streamed), f"no multi-byte character to test in {streamed!r}"
+    assert streamed == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
+
+
+@pytest.mark.e2e
+async def test_sigterm_with_a_stream_in_flight(http: aiohttp.ClientSession) -> None:
+    """SIGTERM stops the server cleanly (exit 0, no traceback), also with a long stream still open:
+    the stream gets shutdown_timeout seconds, then ends with an error event and [DONE]."""
+    grace = 1.0
+    srv = await asyncio.to_thread(_start, "--shutdown-timeout", str(grace))
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+            async with http.post(srv.url + "/v1/chat/completions",
+                                 json=_payload(STORY, stream=True, max_tokens=500)) as resp:
+                assert resp.status == 200
+                lines = aiter(resp.content)
+                while b'"content":"' not in (line := await anext(lines)) or b'"content":""' in line:
+                    pass  # until the first token arrived
+                stopping = asyncio.create_task(asyncio.to_thread(srv.assert_clean_exit, signal.SIGTERM))
+                rest = [line async for line in lines]
+            elapsed = await stopping
+    finally:
+        srv.kill()
+    data = [line[len(b"data: "):].strip() for line in rest if line.startswith(b"data: ")]
+    assert data and data[-1] == b"[DONE]", rest[-3:]
+    last = orjson.loads(data[-2])
+    assert "shutting down" in last["error"]["message"], last
+    assert elapsed < grace + 3.0, f"took {elapsed:.1f} s to stop with shutdown_timeout {grace}"
