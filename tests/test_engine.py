@@ -149,3 +149,17 @@ async def test_qwen_models_batch_like_they_run_alone(fixture, request):
         alone = [await collect(engine, f"alone{i}", p) for i, p in enumerate(PROMPTS)]
         together = await asyncio.gather(*(collect(engine, f"batch{i}", p) for i, p in enumerate(PROMPTS)))
     assert together == alone
+
+
+async def test_open_streams_end_with_an_error_if_the_loop_itself_dies(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir) as engine:
+        task = asyncio.create_task(collect(engine, "victim", PROMPTS[0], max_tokens=500))
+        await wait_until(lambda: engine.stats()["running"] == 1)
+
+        def broken_schedule():
+            raise RuntimeError("scheduler bug")
+
+        engine.scheduler.schedule = broken_schedule
+        with pytest.raises(EngineError, match="stopped unexpectedly"):
+            await asyncio.wait_for(task, timeout=5)
+        assert not engine.healthy

@@ -160,8 +160,8 @@ class EngineLoop:
         except asyncio.CancelledError:
             raise
         except BaseException:
-            self.healthy = False
             log.exception("engine loop died")
+            self.close("the engine stopped unexpectedly")  # no stream may wait forever
             raise
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
