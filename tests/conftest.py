@@ -26,21 +26,15 @@ def sp_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama", "bpe")
+def _tiny_model_fixture(arch: str, tokenizer: str):
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory) -> Path:
+        return build_tiny_model(tmp_path_factory.mktemp(f"tiny_{arch}_{tokenizer}"), arch, tokenizer)
+
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen2_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2", "bpe")
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen3_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen3"), "qwen3", "bpe")
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_sp_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama_sp"), "llama", "sp")
+tiny_llama_dir = _tiny_model_fixture("llama", "bpe")
+tiny_qwen2_dir = _tiny_model_fixture("qwen2", "bpe")
+tiny_qwen3_dir = _tiny_model_fixture("qwen3", "bpe")
+tiny_llama_sp_dir = _tiny_model_fixture("llama", "sp")
