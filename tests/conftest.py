@@ -37,4 +37,3 @@ def _tiny_model_fixture(arch: str, tokenizer: str):
 tiny_llama_dir = _tiny_model_fixture("llama", "bpe")
 tiny_qwen2_dir = _tiny_model_fixture("qwen2", "bpe")
 tiny_qwen3_dir = _tiny_model_fixture("qwen3", "bpe")
-tiny_llama_sp_dir = _tiny_model_fixture("llama", "sp")
