@@ -44,6 +44,8 @@ def build_state(config: Config) -> ServingState:
     eos = set(loaded.eos_token_ids)
     if hf_tokenizer.eos_token_id is not None:
         eos.add(hf_tokenizer.eos_token_id)
+    if ec.max_num_seqs < 1:
+        raise ValueError("max_num_seqs must be at least 1")
     if ec.max_num_batched_tokens < ec.max_num_seqs:
         raise ValueError("max_num_batched_tokens must be at least max_num_seqs (every decode needs one token)")
     kv = KVCache.allocate(loaded.args, ec.max_num_seqs, loaded.max_model_len, loaded.dtype, loaded.device)

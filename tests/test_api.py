@@ -528,6 +528,10 @@ BAD_REQUESTS: list[tuple[str, str, str, Any, int, str | None, str | None]] = [
      400, None, "messages[0].content[1].type"),
     ("text-part-without-text", "POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
      400, None, None),
+    ("stop-not-strings", "POST", CHAT, {"messages": HELLO, "stop": ["ok", 1]}, 400, None, "stop[1]"),
+    ("content-part-not-an-object", "POST", CHAT,
+     {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, "x"]}]},
+     400, None, "messages[0].content[1]"),
     ("n-two", "POST", CHAT, {"messages": HELLO, "n": 2}, 400, None, "n"),
     ("stream-a-string", "POST", CHAT, {"messages": HELLO, "stream": "yes"}, 400, None, "stream"),
     ("stream-options-a-string", "POST", CHAT, {"messages": HELLO, "stream": True, "stream_options": "usage"},
@@ -560,7 +564,7 @@ def _check_error(reply: Reply, status: int, code: str | None, param: str | None)
         assert error["code"] == code
     if param is not None:
         assert error["param"] == param
-    if status == 400:
+    if status in (400, 404):
         assert error["type"] == "invalid_request_error"
 
 
@@ -598,9 +602,9 @@ async def test_server_keeps_serving_after_a_burst_of_bad_requests(server, client
             if isinstance(body, dict) and path == CHAT]
     replies = await asyncio.gather(*bad)
     assert all(400 <= r.status < 500 for r in replies), [r.status for r in replies]
-    body = await chat(client, server, messages=HELLO, max_tokens=3)
+    body = await chat(client, server, messages=HELLO, max_tokens=3, temperature=0)
     assert body["usage"]["completion_tokens"] == 3
-    s = await stream(client, server, messages=HELLO, max_tokens=3)
+    s = await stream(client, server, messages=HELLO, max_tokens=3, temperature=0)
     assert s.finish_reason == "length"
     stats = await wait_until_idle(client, server)
     assert stats["status"] == "ok"
@@ -626,8 +630,35 @@ async def test_engine_failure_is_an_openai_error_and_the_server_recovers(server,
     assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
     monkeypatch.undo()
     await wait_until_idle(client, server)
-    body = await chat(client, server, messages=HELLO, max_tokens=3)
+    body = await chat(client, server, messages=HELLO, max_tokens=3, temperature=0)
     assert body["usage"]["completion_tokens"] == 3
+
+
+async def test_unexpected_error_mid_stream_still_ends_the_stream(server, client, monkeypatch):
+    from aserve.engine.detokenizer import IncrementalDetokenizer
+
+    real_push, calls = IncrementalDetokenizer.push, []
+
+    def failing_push(self, token_ids):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("detokenizer bug")
+        return real_push(self, token_ids)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "push", failing_push)
+    body = {"messages": HELLO, "max_tokens": 20, "temperature": 0, "stream": True}
+    async with client.post(server.url + CHAT, json=body, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+        assert resp.status == 200
+        data = parse_sse(await resp.read())
+    assert data[-1] == "[DONE]"
+    assert_valid("ErrorResponse", json.loads(data[-2]))
+    await wait_until_idle(client, server)
+
+
+async def test_a_vanishingly_small_temperature_is_greedy(server, client):
+    greedy = await chat(client, server, messages=HELLO, max_tokens=8, temperature=0)
+    tiny = await chat(client, server, messages=HELLO, max_tokens=8, temperature=1e-40)
+    assert text_of(tiny) == text_of(greedy) != ""
 
 
 # ---------------------------------------------------------------------------- liberal input

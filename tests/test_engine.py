@@ -151,6 +151,12 @@ async def test_qwen_models_batch_like_they_run_alone(fixture, request):
     assert together == alone
 
 
+def test_an_engine_without_kv_slots_is_refused_at_start(tiny_llama_dir):
+    config = load_config(None, {"model": {"path": str(tiny_llama_dir)}, "engine": {"max_num_seqs": 0}})
+    with pytest.raises(ValueError, match="max_num_seqs must be at least 1"):
+        build_state(config)
+
+
 async def test_open_streams_end_with_an_error_if_the_loop_itself_dies(tiny_llama_dir):
     async with running_engine(tiny_llama_dir) as engine:
         task = asyncio.create_task(collect(engine, "victim", PROMPTS[0], max_tokens=500))
@@ -163,3 +169,5 @@ async def test_open_streams_end_with_an_error_if_the_loop_itself_dies(tiny_llama
         with pytest.raises(EngineError, match="stopped unexpectedly"):
             await asyncio.wait_for(task, timeout=5)
         assert not engine.healthy
+        with pytest.raises(EngineError, match="not running"):
+            await collect(engine, "late", PROMPTS[0])

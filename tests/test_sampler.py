@@ -35,6 +35,12 @@ def test_tiny_top_p_keeps_only_the_most_likely_token():
     assert tokens.tolist() == logits.argmax(-1).tolist()
 
 
+def test_top_p_that_rounds_to_zero_still_keeps_the_best_token():
+    logits = torch.randn(2, VOCAB, generator=_gen(8))
+    tokens = sample(logits, [_params(temperature=1.0, top_p=1e-46)] * 2, [None] * 2, _gen(1))
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
 def test_top_k_draws_only_among_the_k_best():
     logits = torch.randn(1, VOCAB, generator=_gen(4))
     best3 = set(logits[0].topk(3).indices.tolist())

@@ -68,6 +68,8 @@ class EngineLoop:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         rid = request.request_id
+        if not self.healthy:
+            raise EngineError("the engine is not running")
         if rid in self._streams:
             raise EngineError(f"request id {rid!r} is already running")
         queue: asyncio.Queue[_Event] = asyncio.Queue()
@@ -85,7 +87,6 @@ class EngineLoop:
                 text, finish_reason = "", None
                 for event in events:
                     if event.error:
-                        done = True
                         raise EngineError(event.error)
                     completion_tokens += 1
                     if event.is_text:

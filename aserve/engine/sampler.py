@@ -47,5 +47,7 @@ def _truncate(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.T
     # above it already hold top_p of the remaining mass; the first token always survives.
     probs = sorted_scores.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    sorted_scores = sorted_scores.masked_fill(mass_before >= top_p.unsqueeze(1), float("-inf"))
+    drop = mass_before >= top_p.unsqueeze(1)
+    drop[:, 0] = False  # even a top_p that rounds to 0 in float32 keeps one token
+    sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
     return torch.empty_like(scores).scatter_(-1, order, sorted_scores)

@@ -18,7 +18,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflows float32 into inf and NaN probabilities;
+        # the distribution is an argmax anyway (vLLM uses the same cut-off).
+        return self.temperature < 1e-5
 
 
 class SequenceStatus(enum.IntEnum):

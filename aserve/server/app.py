@@ -19,7 +19,7 @@ def _json(obj: object, status: int = 200) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
-    return _json(protocol.model_list(state.model_name, state.max_model_len))
+    return _json(protocol.model_list(state.model_name, state.max_model_len, state.created))
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -27,7 +27,7 @@ async def get_model(request: web.Request) -> web.Response:
     if request.match_info["model"] != state.model_name:
         raise APIError(f"the model {request.match_info['model']!r} does not exist", status=404,
                        param="model", code="model_not_found")
-    return _json(protocol.model_card(state.model_name, state.max_model_len))
+    return _json(protocol.model_card(state.model_name, state.max_model_len, state.created))
 
 
 async def health(request: web.Request) -> web.Response:

@@ -4,6 +4,7 @@ Everything that can reject a request happens before the 200 headers go out, so a
 request is always a real 4xx and never a broken stream.
 """
 
+import logging
 import time
 import uuid
 from contextlib import aclosing
@@ -17,6 +18,8 @@ from aserve.server import protocol
 from aserve.server.errors import APIError
 from aserve.server.serving import ServingState
 from aserve.server.sse import SSEWriter
+
+log = logging.getLogger("aserve.server")
 
 
 async def read_json(request: web.Request) -> object:
@@ -109,5 +112,10 @@ async def _stream(request: web.Request, state: ServingState, rid: str, created: 
                         await sse.send(protocol.usage_chunk(rid, state.model_name, created, use))
         except EngineError as exc:
             await sse.send(APIError(str(exc), status=500, type="server_error", code="engine_error").body())
+        except Exception:
+            # The 200 headers are out: a 500 response is no longer possible, so the stream
+            # itself must end, with an error event and [DONE], or the client waits forever.
+            log.exception("request %s failed mid-stream", rid)
+            await sse.send(APIError("internal server error", status=500, type="server_error").body())
         await sse.done()
     return sse.response

@@ -7,8 +7,9 @@ from aiohttp import web
 
 log = logging.getLogger("aserve.server")
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+# OpenAI itself answers an unknown model with 404 and type invalid_request_error.
+_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+          413: "invalid_request_error"}
 
 
 class APIError(Exception):

@@ -4,7 +4,6 @@ Liberal in what we accept: unknown fields are ignored and null means "not set". 
 about types: a string where a number belongs is a 400, not a silent coercion.
 """
 
-import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -87,15 +86,23 @@ def _validate(model: type[BaseModel], data: Any, prefix: str = "") -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = _param_name(first["loc"], prefix)
-        raise APIError(f"{param}: {first['msg']}" if param else first["msg"], param=param or None) from None
+        # For a field that takes several types, pydantic reports one error per type; the one
+        # that got deepest into the value says best what is wrong (stop[0], not stop).
+        worst = max(exc.errors(), key=lambda e: len(e["loc"]))
+        param = _param_name(worst["loc"], prefix)
+        raise APIError(f"{param}: {worst['msg']}" if param else worst["msg"], param=param or None) from None
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
 
 
 def _param_name(loc: tuple, prefix: str) -> str:
     name = prefix
     for part in loc:
-        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif part not in _UNION_TAGS and "[" not in part:  # skip pydantic's labels for union members
+            name += f".{part}" if name else part
     return name
 
 
@@ -147,16 +154,16 @@ def usage_chunk(rid: str, model: str, created: int, use: dict) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": use}
 
 
-def model_list(model_id: str, max_model_len: int, created: int | None = None) -> dict:
+def model_list(model_id: str, max_model_len: int, created: int) -> dict:
     return {"object": "list", "data": [model_card(model_id, max_model_len, created)]}
 
 
-def model_card(model_id: str, max_model_len: int, created: int | None = None) -> dict:
+def model_card(model_id: str, max_model_len: int, created: int) -> dict:
     # max_model_len is a vLLM extension field; clients use it to size prompts.
     return {
         "id": model_id,
         "object": "model",
-        "created": created or int(time.time()),
+        "created": created,
         "owned_by": "aserve",
         "max_model_len": max_model_len,
     }

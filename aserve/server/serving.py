@@ -1,6 +1,7 @@
 """What the handlers share: the engine, the tokenizer and the served model's identity."""
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -23,6 +24,7 @@ class ServingState:
     tokenize_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-tokenize"))
     engine_task: asyncio.Task | None = None
+    created: int = field(default_factory=lambda: int(time.time()))  # the model card's "created"
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         loop = asyncio.get_running_loop()
