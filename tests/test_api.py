@@ -876,3 +876,21 @@ async def test_more_streams_than_kv_slots_all_complete(cjk_server, client, monke
     assert max(st["running"] for st in seen) <= MAX_NUM_SEQS
     assert max(st["waiting"] for st in seen) > 0, "the burst never queued: the test did not exercise waiting"
     await wait_until_idle(client, cjk_server)
+
+
+async def test_health_answers_while_an_engine_step_runs(server, client, monkeypatch):
+    # Each step blocks its thread for 300 ms, like a long prefill on a big model. The step
+    # runs on the worker thread, so the event loop keeps answering meanwhile.
+    slow_engine(server.state, monkeypatch, 0.3)
+    body = {"messages": HELLO, "max_tokens": 4, "temperature": 0, "stream": True}
+    generation = asyncio.create_task(client.post(server.url + CHAT, json=body))
+    await poll_health(client, server, lambda h: h["running"] == 1, "the request to start")
+    latencies = []
+    for _ in range(10):
+        start = time.perf_counter()
+        assert (await health(client, server))["status"] == "ok"
+        latencies.append(time.perf_counter() - start)
+    assert max(latencies) < 0.05, latencies
+    resp = await generation
+    assert parse_sse(await resp.read())[-1] == "[DONE]"
+    resp.release()
