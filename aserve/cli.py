@@ -30,14 +30,21 @@ def _parser() -> argparse.ArgumentParser:
         "model": [("--model", str), ("--cache-dir", str), ("--device", str), ("--dtype", str),
                   ("--max-model-len", int)],
         "engine": [("--max-num-seqs", int), ("--max-num-batched-tokens", int), ("--num-threads", int),
-                   ("--seed", int)],
+                   ("--seed", int), ("--enable-prefix-caching", _bool)],
     }
     for section, items in opts.items():
         group = serve.add_argument_group(f"[{section}]")
         for flag, kind in items:
             key = "path" if flag == "--model" else flag[2:].replace("-", "_")
-            group.add_argument(flag, type=kind, dest=f"{section}.{key}", metavar=kind.__name__.upper())
+            metavar = "{true,false}" if kind is _bool else kind.__name__.upper()
+            group.add_argument(flag, type=kind, dest=f"{section}.{key}", metavar=metavar)
     return parser
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError("expected true or false")
+    return text.lower() == "true"
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict]:

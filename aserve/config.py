@@ -28,6 +28,7 @@ class ModelConfig:
 class EngineConfig:
     max_num_seqs: int = 32  # KV-cache slots: requests decoding at once; more wait in the queue
     max_num_batched_tokens: int = 512  # tokens per step; bounds how long a prefill chunk can stall decodes
+    enable_prefix_caching: bool = True  # a prompt that starts like a finished request's reuses its cached KV
     num_threads: int = 0  # torch CPU threads; 0: one per core
     seed: int | None = None  # seed for requests that set none; None: random
 

@@ -48,7 +48,8 @@ def build_state(config: Config) -> ServingState:
         raise ValueError("max_num_seqs must be at least 1")
     if ec.max_num_batched_tokens < ec.max_num_seqs:
         raise ValueError("max_num_batched_tokens must be at least max_num_seqs (every decode needs one token)")
-    kv = KVCache.allocate(loaded.args, ec.max_num_seqs, loaded.max_model_len, loaded.dtype, loaded.device)
+    kv = KVCache.allocate(loaded.args, ec.max_num_seqs, loaded.max_model_len, loaded.dtype, loaded.device,
+                          prefix_caching=ec.enable_prefix_caching)
     log.info("model %s on %s (%s); KV cache %d slots x %d tokens = %.2f GiB", path, loaded.device,
              loaded.dtype, kv.num_slots, kv.max_len, kv.nbytes / 2**30)
     engine = EngineLoop(

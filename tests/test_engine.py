@@ -43,7 +43,8 @@ async def wait_until(predicate, timeout: float = 5.0) -> None:
 
 
 async def test_greedy_output_is_the_same_alone_and_in_a_batch(tiny_llama_dir):
-    async with running_engine(tiny_llama_dir, max_num_seqs=4) as engine:
+    # Prefix caching off, so the batch prefills its prompts together instead of reusing them.
+    async with running_engine(tiny_llama_dir, max_num_seqs=4, enable_prefix_caching=False) as engine:
         alone = [await collect(engine, f"alone{i}", p) for i, p in enumerate(PROMPTS)]
         together = await asyncio.gather(*(collect(engine, f"batch{i}", p) for i, p in enumerate(PROMPTS)))
     assert together == alone
@@ -145,7 +146,7 @@ async def test_stop_string_ends_the_request_in_the_engine(tiny_llama_dir):
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen2_dir", "tiny_qwen3_dir"])
 async def test_qwen_models_batch_like_they_run_alone(fixture, request):
-    async with running_engine(request.getfixturevalue(fixture)) as engine:
+    async with running_engine(request.getfixturevalue(fixture), enable_prefix_caching=False) as engine:
         alone = [await collect(engine, f"alone{i}", p) for i, p in enumerate(PROMPTS)]
         together = await asyncio.gather(*(collect(engine, f"batch{i}", p) for i, p in enumerate(PROMPTS)))
     assert together == alone
@@ -171,3 +172,17 @@ async def test_open_streams_end_with_an_error_if_the_loop_itself_dies(tiny_llama
         assert not engine.healthy
         with pytest.raises(EngineError, match="not running"):
             await collect(engine, "late", PROMPTS[0])
+
+
+async def test_prefix_cache_reuses_a_finished_requests_tokens_without_changing_the_output(tiny_llama_dir):
+    first_turn = PROMPTS[1]
+    second_turn = PROMPTS[1] + [30, 31, 32] + PROMPTS[0]  # the same history resent with more
+    async with running_engine(tiny_llama_dir, max_num_seqs=2, enable_prefix_caching=False) as engine:
+        await collect(engine, "t1", first_turn)
+        expected = await collect(engine, "t2", second_turn)
+        assert engine.stats()["prefix_cache_tokens_reused"] == 0
+    async with running_engine(tiny_llama_dir, max_num_seqs=2) as engine:
+        await collect(engine, "t1", first_turn)
+        cached = await collect(engine, "t2", second_turn)
+        assert engine.stats()["prefix_cache_tokens_reused"] == len(first_turn)
+    assert cached == expected

@@ -11,7 +11,7 @@ EOS = 2
 
 def _scheduler(slots: int = 2, budget: int = 16, max_len: int = 64) -> Scheduler:
     shape = (1, slots, 1, max_len, 4)
-    kv = KVCache(torch.zeros(shape), torch.zeros(shape), list(range(slots)))
+    kv = KVCache(torch.zeros(shape), torch.zeros(shape))
     return Scheduler(kv, budget, [EOS])
 
 

@@ -131,6 +131,7 @@ class EngineLoop:
             "waiting": len(self.scheduler.waiting) + self._incoming.qsize(),
             "kv_slots_total": kv.num_slots,
             "kv_slots_free": kv.num_free,
+            "prefix_cache_tokens_reused": kv.cached_tokens_reused,
             "steps": self.steps,
         }
 

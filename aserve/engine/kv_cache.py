@@ -1,6 +1,14 @@
-"""The KV cache: allocated once, up front, as fixed slots of max_model_len positions each."""
+"""The KV cache: allocated once, up front, as fixed slots of max_model_len positions each.
 
-import heapq
+A freed slot keeps its keys/values until it is handed out again, and remembers which
+tokens they belong to. A new request whose prompt starts with those tokens (a multi-turn
+chat resent with one more turn, say) takes that slot and skips prefilling the shared part:
+slot-level prefix caching. Free slots are otherwise reused least recently freed first, so
+the most recent conversations stay cached longest.
+"""
+
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -8,18 +16,39 @@ import torch
 from aserve.models.llama import ModelArgs
 
 
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    # Binary search over slice equality: each comparison runs in C, so a 2,000-token
+    # prompt costs ~11 list compares instead of a 2,000-step Python loop.
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 @dataclass(eq=False)
 class KVCache:
     k: torch.Tensor  # [layers, slots, kv_heads, max_len, head_dim]
     v: torch.Tensor
-    _free: list[int] = field(default_factory=list)
+    prefix_caching: bool = True
+    # Free slots, least recently freed first, each with the tokens whose keys/values it holds.
+    _free: OrderedDict[int, list[int]] = field(default_factory=OrderedDict)
+    cached_tokens_reused: int = 0  # prompt tokens not recomputed thanks to the prefix cache
+
+    def __post_init__(self) -> None:
+        if not self._free:
+            self._free = OrderedDict((slot, []) for slot in range(self.num_slots))
 
     @classmethod
-    def allocate(cls, args: ModelArgs, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device) -> "KVCache":
+    def allocate(cls, args: ModelArgs, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                 prefix_caching: bool = True) -> "KVCache":
         shape = (args.num_layers, num_slots, args.num_kv_heads, max_len, args.head_dim)
         # Zeros, not empty: attention reads masked-out positions too, and 0 * NaN garbage would be NaN.
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                   list(range(num_slots)))
+                   prefix_caching)
 
     @property
     def num_slots(self) -> int:
@@ -37,9 +66,23 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def take_slot(self) -> int | None:
-        # Lowest slot first keeps the decode batch's row range [0, max slot] tight.
-        return heapq.heappop(self._free) if self._free else None
+    def take_slot(self, prompt: Sequence[int]) -> tuple[int, int] | None:
+        """Returns (slot, how many leading prompt tokens that slot already holds), or None
+        when every slot is in use."""
+        if not self._free:
+            return None
+        slot, cached = next(iter(self._free)), 0
+        if self.prefix_caching:
+            for candidate, tokens in self._free.items():
+                n = common_prefix_len(tokens, prompt)
+                if n > cached:
+                    slot, cached = candidate, n
+        # The last prompt token is always computed: its logits give the first new token.
+        cached = min(cached, len(prompt) - 1)
+        del self._free[slot]
+        self.cached_tokens_reused += cached
+        return slot, cached
 
-    def free_slot(self, slot: int) -> None:
-        heapq.heappush(self._free, slot)
+    def free_slot(self, slot: int, cached_tokens: list[int]) -> None:
+        """`cached_tokens`: the tokens whose keys/values the slot holds, from position 0."""
+        self._free[slot] = cached_tokens

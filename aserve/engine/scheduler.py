@@ -46,7 +46,7 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq in self.running:
             self.running.remove(seq)
-            self.kv_cache.free_slot(seq.slot)
+            self.kv_cache.free_slot(seq.slot, [seq.token_at(p) for p in range(seq.num_computed)])
             seq.slot = None
 
     def schedule(self) -> list[ScheduledSeq]:
@@ -59,7 +59,8 @@ class Scheduler:
                 budget -= prefills[-1].num_tokens
         while self.waiting and budget > 0 and self.kv_cache.num_free:
             seq = self.waiting.popleft()
-            seq.slot = self.kv_cache.take_slot()
+            seq.slot, seq.num_computed = self.kv_cache.take_slot(seq.prompt_ids)
+            seq.num_cached_tokens = seq.num_computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             prefills.append(self._prefill_chunk(seq, budget))
