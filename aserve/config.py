@@ -22,6 +22,7 @@ class ModelConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     max_model_len: int | None = 2048  # prompt + completion tokens per request; None: the model's own context
+    load_format: str = "auto"  # auto: the weight files; dummy: random weights of the config's shape (benchmarks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,10 @@ def build_state(config: Config) -> ServingState:
         torch.set_num_threads(ec.num_threads)
     cache_dir = Path(mc.cache_dir) if mc.cache_dir else default_cache_dir()
     path = resolve_model(mc.path, cache_dir)
-    loaded = load_model(path, pick_device(mc.device), mc.dtype, mc.max_model_len)
+    if mc.load_format not in ("auto", "dummy"):
+        raise ValueError(f"unknown load_format {mc.load_format!r}; choose auto or dummy")
+    loaded = load_model(path, pick_device(mc.device), mc.dtype, mc.max_model_len,
+                        random_weights=mc.load_format == "dummy")
     hf_tokenizer = AutoTokenizer.from_pretrained(path)
     # The detokenizer runs on the event loop while the tokenize thread encodes: give it its own
     # copy of the Rust tokenizer rather than share one object across threads.

@@ -894,3 +894,12 @@ async def test_health_answers_while_an_engine_step_runs(server, client, monkeypa
     resp = await generation
     assert parse_sse(await resp.read())[-1] == "[DONE]"
     resp.release()
+
+
+def test_ignore_eos_reaches_the_engine():
+    from aserve.server.chat import sampling_params
+    from aserve.server.protocol import parse_chat_request
+
+    req = parse_chat_request({"messages": HELLO, "ignore_eos": True, "max_tokens": 5})
+    assert sampling_params(req, prompt_len=10, max_model_len=256).ignore_eos is True
+    assert sampling_params(parse_chat_request({"messages": HELLO}), 10, 256).ignore_eos is False

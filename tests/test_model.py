@@ -86,3 +86,15 @@ def test_unsupported_architecture_is_refused_with_its_name(tmp_path, tiny_llama_
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*not supported"):
         read_hf_config(tmp_path / "m")
+
+
+def test_random_weights_give_the_configs_shape_without_reading_weight_files(tmp_path, tiny_qwen2_dir):
+    import shutil
+
+    shutil.copy(tiny_qwen2_dir / "config.json", tmp_path / "config.json")  # no safetensors at all
+    loaded = load_model(tmp_path, "cpu", "float32", 64, random_weights=True)
+    real = load_model(tiny_qwen2_dir, "cpu", "float32", 64)
+    assert loaded.args == real.args  # the Qwen2 layout (QKV bias, tied embeddings) follows from the config
+    runner = ModelRunner(loaded.model, KVCache.allocate(loaded.args, 1, 64, loaded.dtype, loaded.device), loaded.device)
+    logits = _logits(runner, [ScheduledSeq(_seq("a", [3, 4, 5], slot=0), 3)])
+    assert logits.shape == (1, real.args.vocab_size) and torch.isfinite(logits).all()

@@ -99,3 +99,12 @@ def test_context_limit_finishes_with_length():
     _step(s)
     _step(s)
     assert a.num_tokens == 6 and a.finish_reason == "length"
+
+
+def test_ignore_eos_generates_past_eos_until_max_tokens():
+    s = _scheduler()
+    a = Sequence("a", [10, 11], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    s.add(a)
+    for _ in range(3):
+        _step(s, token=EOS)
+    assert a.output_ids == [EOS] * 3 and a.finish_reason == "length"

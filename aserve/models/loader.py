@@ -110,9 +110,12 @@ def _fused_state_dict(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict
     return state
 
 
-def load_model(path: Path, device: str, dtype: str, max_model_len: int | None) -> LoadedModel:
+def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
+               random_weights: bool = False) -> LoadedModel:
+    """`random_weights`: ignore any weight files and initialize randomly (the config alone
+    gives the shape), to measure speed of model shapes whose weights are not at hand."""
     config = read_hf_config(path)
-    tensors = _read_tensors(path)
+    tensors = None if random_weights else _read_tensors(path)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     args = ModelArgs(
         vocab_size=config.vocab_size,
@@ -124,9 +127,13 @@ def load_model(path: Path, device: str, dtype: str, max_model_len: int | None) -
         intermediate_size=config.intermediate_size,
         rms_norm_eps=config.rms_norm_eps,
         max_position_embeddings=config.max_position_embeddings,
-        qkv_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
-        qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
-        tie_word_embeddings="lm_head.weight" not in tensors,
+        # With weights at hand they tell the layout; without, the architecture does.
+        qkv_bias=("model.layers.0.self_attn.q_proj.bias" in tensors) if tensors is not None
+        else config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+        qk_norm=("model.layers.0.self_attn.q_norm.weight" in tensors) if tensors is not None
+        else config.model_type == "qwen3",
+        tie_word_embeddings=("lm_head.weight" not in tensors) if tensors is not None
+        else bool(getattr(config, "tie_word_embeddings", False)),
     )
     context = args.max_position_embeddings
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
@@ -143,11 +150,26 @@ def load_model(path: Path, device: str, dtype: str, max_model_len: int | None) -
     with torch.device("meta"):
         model = LlamaModel(args)
     model.to_empty(device=torch_device).to(torch_dtype)
-    model.load_state_dict(_fused_state_dict(tensors, args), strict=True)
+    if tensors is None:
+        _init_random(model)
+    else:
+        model.load_state_dict(_fused_state_dict(tensors, args), strict=True)
     inv_freq, rope_scaling = _rope_inv_freq(config, head_dim)
     model.set_rope(*(t.to(torch_device) for t in rope_tables(inv_freq, rope_scaling, max_len)))
     model.eval()
     return LoadedModel(model, args, max_len, _eos_ids(path, config), torch_dtype, torch_device)
+
+
+@torch.no_grad()
+def _init_random(model: LlamaModel, seed: int = 0) -> None:
+    generator = torch.Generator(model.embed_tokens.weight.device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -55,6 +55,7 @@ def sampling_params(req: protocol.ChatCompletionRequest, prompt_len: int, max_mo
         top_k=max(req.top_k or 0, 0),
         seed=req.seed,
         stop=tuple(req.stop or ()),
+        ignore_eos=bool(req.ignore_eos),
     )
 
 

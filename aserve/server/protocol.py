@@ -59,6 +59,7 @@ class ChatCompletionRequest(_Lenient):
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
     stop: str | list[str] | None = None
     n: Annotated[int | None, Field(ge=1)] = None
+    ignore_eos: bool | None = None  # vLLM extension: generate max_tokens tokens, for benchmarks
 
     @field_validator("stop")
     @classmethod
