@@ -896,7 +896,7 @@ async def test_health_answers_while_an_engine_step_runs(server, client, monkeypa
     resp.release()
 
 
-def test_ignore_eos_reaches_the_engine():
+async def test_ignore_eos_reaches_the_engine():
     from aserve.server.chat import sampling_params
     from aserve.server.protocol import parse_chat_request
 
