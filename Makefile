@@ -24,7 +24,8 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) bench/load.py $(ARGS)
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) bench/sweep.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -18,7 +18,7 @@ import multiprocessing
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from multiprocessing.connection import Connection
@@ -449,6 +449,7 @@ async def client_worker(
     indices: Iterator[int],
     args: argparse.Namespace,
     model: str,
+    on_result: Callable[[RequestResult], None] | None = None,
 ) -> list[RequestResult]:
     # Closed loop: each client sends its next request as soon as the previous
     # one finished.  All workers share one iterator (safe: single thread), so
@@ -457,6 +458,8 @@ async def client_worker(
     for index in indices:
         payload = build_payload(model, index, args.max_tokens, args.temperature)
         results.append(await stream_one(session, chat_url, payload, index, args.request_timeout))
+        if on_result is not None:  # e.g. a progress bar (bench/sweep.py)
+            on_result(results[-1])
     return results
 
 
@@ -503,16 +506,24 @@ def summarize_level(
     )
 
 
+def level_requests(concurrency: int, requests: int) -> int:
+    """Requests sent at one level: --requests if given, else about two per client."""
+    return requests if requests else max(2 * concurrency, 8)
+
+
 async def run_level(
-    concurrency: int, args: argparse.Namespace, model: str, session: aiohttp.ClientSession
+    concurrency: int, args: argparse.Namespace, model: str, session: aiohttp.ClientSession,
+    on_result: Callable[[RequestResult], None] | None = None,
 ) -> LevelResult:
-    total = args.requests if args.requests else max(2 * concurrency, 8)
+    """One level against args.url (reads args.requests, .health_interval_ms, .max_tokens,
+    .temperature, .request_timeout); on_result is called after each request finishes."""
+    total = level_requests(concurrency, args.requests)
     base = args.url.rstrip("/")
     indices = iter(range(total))
     async with HealthProbeProcess(base + "/health", args.health_interval_ms / 1000.0) as probe:
         t0 = time.perf_counter()
         per_worker = await asyncio.gather(
-            *(client_worker(session, base + "/v1/chat/completions", indices, args, model)
+            *(client_worker(session, base + "/v1/chat/completions", indices, args, model, on_result)
               for _ in range(concurrency))
         )
         wall_s = time.perf_counter() - t0
@@ -619,7 +630,7 @@ async def run(args: argparse.Namespace) -> RunResult:
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         levels: list[LevelResult] = []
         for concurrency in args.concurrency:
-            total = args.requests if args.requests else max(2 * concurrency, 8)
+            total = level_requests(concurrency, args.requests)
             print(f"level {concurrency}: {total} requests ...", file=sys.stderr, flush=True)
             levels.append(await run_level(concurrency, args, model, session))
     ratio, ratio_levels = throughput_ratio(levels)

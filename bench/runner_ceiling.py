@@ -1,8 +1,9 @@
 """The model runner alone, no HTTP: decode steps/s and tokens/s per batch size.
 
 This is the ceiling the whole server can approach: `python bench/runner_ceiling.py
---batch 1 8 32 --context 128`. It fills `batch` slots with prompts of `context` tokens,
-then times decode steps (batched forward + sampling + the host sync that reads tokens).
+--batch 1 8 32 --context 128 512 2048`. For each context length and batch size it fills
+`batch` slots with prompts of `context` tokens, then times decode steps (batched forward +
+sampling + the host sync that reads tokens) at that context.
 """
 
 import argparse
@@ -26,8 +27,11 @@ def measure(runner: ModelRunner, batch: int, context: int, steps: int) -> float:
     for seq in seqs:  # prefill, untimed
         token = runner.run([ScheduledSeq(seq, context)])[0]
         seq.num_computed, seq.output_ids = context, [token]
-    start = time.perf_counter()
-    for _ in range(steps):
+    # One untimed decode step first: the first call at a new (batch, context) shape pays one-off
+    # costs (allocator growth, kernel selection) that would otherwise inflate the first point.
+    for i in range(steps + 1):
+        if i == 1:
+            start = time.perf_counter()
         tokens = runner.run([ScheduledSeq(s, 1) for s in seqs])
         for seq, token in zip(seqs, tokens):
             seq.num_computed += 1
@@ -39,20 +43,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="HF dir or .gguf (default: the default model)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--context", type=int, nargs="+", default=[128],
+                        help="prompt lengths in tokens already in the KV cache when decoding starts")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.steps < 1 or min(args.batch) < 1 or min(args.context) < 1:
+        parser.error("--steps, --batch and --context must be >= 1")
     path = resolve_model(args.model, default_cache_dir())
-    loaded = load_model(Path(path), args.device, args.dtype, args.context + args.steps + 8)
+    loaded = load_model(Path(path), args.device, args.dtype, max(args.context) + args.steps + 8)
     kv = KVCache.allocate(loaded.args, max(args.batch), loaded.max_model_len, loaded.dtype, loaded.device)
     runner = ModelRunner(loaded.model, kv, loaded.device, seed=0)
-    print(f"threads={torch.get_num_threads()} context={args.context} dtype={loaded.dtype}")
-    print("batch  step_ms  tokens/s")
-    for batch in args.batch:
-        elapsed = measure(runner, batch, args.context, args.steps)
-        print(f"{batch:5d}  {1000 * elapsed / args.steps:7.1f}  {batch * args.steps / elapsed:8.1f}")
+    if max(args.context) + args.steps + 1 > loaded.max_model_len:
+        parser.error(f"--context {max(args.context)} + --steps {args.steps} exceeds the model's context "
+                     f"{loaded.max_model_len}")
+    print(f"threads={torch.get_num_threads()} context={' '.join(map(str, args.context))} dtype={loaded.dtype}")
+    print("context  batch  step_ms  tokens/s", flush=True)
+    for context in args.context:
+        for batch in args.batch:
+            elapsed = measure(runner, batch, context, args.steps)
+            print(f"{context:7d}  {batch:5d}  {1000 * elapsed / args.steps:7.1f}  {batch * args.steps / elapsed:8.1f}",
+                  flush=True)
 
 
 if __name__ == "__main__":
