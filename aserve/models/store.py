@@ -40,7 +40,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ASERVE_CACHE_DIR") or Path.home() / ".cache" / "aserve").expanduser()
 
 
-
 def resolve_model(model: str | None, cache_dir: Path, pip: Sequence[str] | None = None) -> Path:
     """None -> the default model (fetched, verified, converted once, cached; later calls just return the cached dir).
     A directory -> returned as is after checking it holds config.json (else ModelStoreError naming the dir).
