@@ -56,7 +56,7 @@ def build_state(config: Config) -> ServingState:
     log.info("model %s on %s (%s); KV cache %d slots x %d tokens = %.2f GiB", path, loaded.device,
              loaded.dtype, kv.num_slots, kv.max_len, kv.nbytes / 2**30)
     engine = EngineLoop(
-        Scheduler(kv, ec.max_num_batched_tokens, eos),
+        Scheduler(kv, ec.max_num_batched_tokens, eos, loaded.args.attention_context_per_token),
         ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed),
         detok_tokenizer,
     )

@@ -61,6 +61,10 @@ async def main() -> None:
     print(f"stream gaps: median {median * 1000:.1f} ms over {len(gaps)}; during the prefill "
           f"p99 {percentile(during, 0.99) * 1000:.1f} ms, max {max(during) * 1000:.1f} ms over {len(during)}")
     print(f"p99 during prefill / median: {percentile(during, 0.99) / median:.2f}x")
+    worst = sorted(((b - a, b - start) for s in stamps for a, b in zip(s, s[1:]) if b > start and a < end),
+                   reverse=True)[:6]
+    print("worst gaps (ms @ s after the long prompt was sent): "
+          + ", ".join(f"{gap * 1000:.0f} @ {at:.2f}" for gap, at in worst))
 
 
 if __name__ == "__main__":

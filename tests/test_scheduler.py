@@ -108,3 +108,44 @@ def test_ignore_eos_generates_past_eos_until_max_tokens():
     for _ in range(3):
         _step(s, token=EOS)
     assert a.output_ids == [EOS] * 3 and a.finish_reason == "length"
+
+
+def test_prefill_chunks_shrink_as_the_prompts_context_grows():
+    shape = (1, 2, 1, 512, 4)
+    # One token attending over 64 cached positions costs as much as its matmuls.
+    s = Scheduler(KVCache(torch.zeros(shape), torch.zeros(shape)), 64, [EOS], attention_context_per_token=64)
+    long = _seq("long", prompt_len=300)
+    s.add(long)
+    chunks = []
+    while long.in_prefill:
+        scheduled, _ = _step(s)
+        start = long.num_computed - scheduled[0].num_tokens
+        assert s.prefill_cost(start, scheduled[0].num_tokens) <= 64
+        chunks.append(scheduled[0].num_tokens)
+    assert sum(chunks) == 300
+    assert chunks[0] > chunks[len(chunks) // 2] > chunks[-2]  # later chunks attend over more, so they are smaller
+
+
+def test_a_step_always_makes_prefill_progress_even_when_its_budget_is_spent():
+    shape = (1, 3, 1, 64, 4)
+    # Attention so dear that one prompt token costs more than the budget the decodes leave.
+    s = Scheduler(KVCache(torch.zeros(shape), torch.zeros(shape)), 3, [EOS], attention_context_per_token=1)
+    a, b, c = _seq("a", prompt_len=1), _seq("b", prompt_len=1), _seq("c", prompt_len=3)
+    s.add(a)
+    s.add(b)
+    while not b.output_ids:
+        _step(s)
+    s.add(c)
+    for _ in range(3):
+        scheduled, _ = _step(s)
+        assert [(i.seq.request_id, i.num_tokens) for i in scheduled] == [("a", 1), ("b", 1), ("c", 1)]
+    assert not c.in_prefill
+
+
+def test_attention_cost_per_token_follows_the_model_shape():
+    from aserve.models.llama import ModelArgs
+
+    smollm = ModelArgs(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                       intermediate_size=1536, rms_norm_eps=1e-5, max_position_embeddings=8192, qkv_bias=False,
+                       qk_norm=False, tie_word_embeddings=True)
+    assert smollm.attention_context_per_token == 3072

@@ -1,11 +1,14 @@
 """Decides, each step, which sequences run and how many tokens each computes.
 
-Decodes (one token per running sequence) always go first; the rest of the per-step token
-budget goes to prompt prefill, in chunks, so a long prompt can never stall the running
-streams for more than one bounded step. A waiting request is admitted only when a KV slot
+Decodes (one token per running sequence) always go first; the rest of the per-step budget
+goes to prompt prefill, in chunks, so a long prompt can never stall the running streams for
+more than one bounded step. The budget counts work, not just tokens: a prompt token late in
+a long prompt attends over everything before it, so it costs more, and chunks shrink as the
+prompt's context grows. A waiting request is admitted only when a KV slot
 is free: when the cache is full it waits; nobody is rejected or evicted.
 """
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,9 +29,13 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, kv_cache: KVCache, max_num_batched_tokens: int, eos_token_ids: Iterable[int]) -> None:
+    def __init__(self, kv_cache: KVCache, max_num_batched_tokens: int, eos_token_ids: Iterable[int],
+                 attention_context_per_token: float = math.inf) -> None:
+        """`attention_context_per_token`: cached positions whose attention costs as much as one
+        token's matmuls (ModelArgs.attention_context_per_token); inf counts tokens only."""
         self.kv_cache = kv_cache
         self.max_num_batched_tokens = max_num_batched_tokens
+        self._attention_weight = 1.0 / attention_context_per_token
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -51,25 +58,40 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledSeq]:
         decodes = [ScheduledSeq(s, 1) for s in self.running if not s.in_prefill]
-        budget = self.max_num_batched_tokens - len(decodes)
+        budget = float(self.max_num_batched_tokens - len(decodes))
         prefills: list[ScheduledSeq] = []
         for seq in self.running:
-            if seq.in_prefill and budget > 0:
-                prefills.append(self._prefill_chunk(seq, budget))
-                budget -= prefills[-1].num_tokens
+            if seq.in_prefill and (chunk := self._prefill_chunk(seq, budget, first=not prefills)):
+                prefills.append(chunk)
+                budget -= self.prefill_cost(seq.num_computed, chunk.num_tokens)
         while self.waiting and budget > 0 and self.kv_cache.num_free:
-            seq = self.waiting.popleft()
-            seq.slot, seq.num_computed = self.kv_cache.take_slot(seq.prompt_ids)
-            seq.num_cached_tokens = seq.num_computed
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            prefills.append(self._prefill_chunk(seq, budget))
-            budget -= prefills[-1].num_tokens
+            seq = self._admit(self.waiting.popleft())
+            if not (chunk := self._prefill_chunk(seq, budget, first=not prefills)):
+                break  # admitted: it prefills from the next step on
+            prefills.append(chunk)
+            budget -= self.prefill_cost(seq.num_computed, chunk.num_tokens)
         return decodes + prefills
 
-    @staticmethod
-    def _prefill_chunk(seq: Sequence, budget: int) -> ScheduledSeq:
-        return ScheduledSeq(seq, min(len(seq.prompt_ids) - seq.num_computed, budget))
+    def _admit(self, seq: Sequence) -> Sequence:
+        seq.slot, seq.num_computed = self.kv_cache.take_slot(seq.prompt_ids)
+        seq.num_cached_tokens = seq.num_computed
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return seq
+
+    def prefill_cost(self, start: int, num_tokens: int) -> float:
+        """A chunk's work in units of one token's matmuls: each token also attends over the
+        (start + num_tokens) positions before it, at most."""
+        return num_tokens * (1.0 + (start + num_tokens) * self._attention_weight)
+
+    def _prefill_chunk(self, seq: Sequence, budget: float, first: bool) -> ScheduledSeq | None:
+        # The largest n with prefill_cost(start, n) <= budget: a n^2 + b n - budget <= 0.
+        a, b = self._attention_weight, 1.0 + seq.num_computed * self._attention_weight
+        n = budget / b if a == 0 else (math.sqrt(max(b * b + 4 * a * budget, 0.0)) - b) / (2 * a)
+        # The step's first chunk always makes progress, even when decodes used the budget up.
+        n = max(int(n), 1 if first else 0)
+        n = min(n, len(seq.prompt_ids) - seq.num_computed)
+        return ScheduledSeq(seq, n) if n > 0 else None
 
     def postprocess(self, scheduled: list[ScheduledSeq], tokens: list[int | None]) -> list[tuple[Sequence, int]]:
         """Records the step's results; returns (sequence, new token) pairs. Finished sequences

@@ -29,6 +29,14 @@ class ModelArgs:
     qk_norm: bool  # Qwen3
     tie_word_embeddings: bool
 
+    @property
+    def attention_context_per_token(self) -> float:
+        """How many cached positions a token must attend over before its attention costs as
+        much as its matmuls: 2 FLOPs per weight, 4 per head dimension per cached position."""
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        weights = self.hidden_size * (q + 2 * kv) + q * self.hidden_size + 3 * self.hidden_size * self.intermediate_size
+        return weights / (2 * self.num_heads * self.head_dim)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
