@@ -284,8 +284,11 @@ def _apply_chunk(result: RequestResult, chunk: dict[str, Any], now: float) -> No
 
 
 async def stream_one(
-    session: aiohttp.ClientSession, url: str, payload: dict[str, Any], index: int, timeout_s: float
+    session: aiohttp.ClientSession, url: str, payload: dict[str, Any], index: int, timeout_s: float,
+    end_at_finish: bool = False,
 ) -> RequestResult:
+    """end_at_finish: also accept a stream that ends at its finish_reason chunk without
+    `data: [DONE]` (transformers serve sends none), so such servers can be measured."""
     result = RequestResult(index=index, ok=False)
     es: EventSource | None = None
 
@@ -329,6 +332,9 @@ async def stream_one(
                     except orjson.JSONDecodeError as exc:
                         raise StreamProtocolError(f"bad JSON in event: {event.data[:120]!r}") from exc
                     _apply_chunk(result, chunk, now)
+                    if end_at_finish and any(c.get("finish_reason") for c in chunk.get("choices") or []):
+                        done = True
+                        break
             if not done:  # e.g. HTTP 204: the library stops without an event
                 raise StreamProtocolError("stream ended before 'data: [DONE]'")
         result.end = time.perf_counter()
@@ -457,7 +463,8 @@ async def client_worker(
     results = []
     for index in indices:
         payload = build_payload(model, index, args.max_tokens, args.temperature)
-        results.append(await stream_one(session, chat_url, payload, index, args.request_timeout))
+        results.append(await stream_one(session, chat_url, payload, index, args.request_timeout,
+                                        args.end_at_finish))
         if on_result is not None:  # e.g. a progress bar (bench/sweep.py)
             on_result(results[-1])
     return results
@@ -551,7 +558,7 @@ async def warm_up(session: aiohttp.ClientSession, args: argparse.Namespace, mode
     chat_url = args.url.rstrip("/") + "/v1/chat/completions"
     for i in range(args.warmup):
         r = await stream_one(session, chat_url, build_payload(model, i, args.max_tokens, args.temperature),
-                             i, args.request_timeout)
+                             i, args.request_timeout, args.end_at_finish)
         if not r.ok:
             raise RuntimeError(f"warm-up request failed: {r.error}")
 
@@ -685,6 +692,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--health-interval-ms", type=float, default=20.0,
                         help="interval between /health probes (default %(default)s)")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write all figures as JSON to PATH")
+    parser.add_argument("--end-at-finish", action="store_true",
+                        help="accept streams that end at the finish_reason chunk without [DONE] (transformers serve)")
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.concurrency):
         parser.error("--concurrency values must be >= 1")

@@ -319,6 +319,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=1, help="unmeasured requests per target (default 1)")
     p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--end-at-finish", action="store_true",
+                   help="accept streams that end at the finish_reason chunk without [DONE] (transformers serve)")
     p.add_argument("--health-interval-ms", type=float, default=20.0)
     p.add_argument("--ready-timeout", type=float, default=600.0,
                    help="seconds a started server may take to answer /health (default 600)")
