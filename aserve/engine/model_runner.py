@@ -46,7 +46,7 @@ class ModelRunner:
         for item in scheduled:
             seq, start = item.seq, item.seq.num_computed
             span = range(start, start + item.num_tokens)
-            input_ids.extend(seq.token_at(p) for p in span)
+            input_ids.extend(seq.tokens(span.start, span.stop))
             positions.extend(span)
             slots.extend([seq.slot] * item.num_tokens)
             if item.samples:

@@ -53,7 +53,7 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq in self.running:
             self.running.remove(seq)
-            self.kv_cache.free_slot(seq.slot, [seq.token_at(p) for p in range(seq.num_computed)])
+            self.kv_cache.free_slot(seq.slot, seq.tokens(0, seq.num_computed))
             seq.slot = None
 
     def schedule(self) -> list[ScheduledSeq]:
@@ -74,7 +74,6 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> Sequence:
         seq.slot, seq.num_computed = self.kv_cache.take_slot(seq.prompt_ids)
-        seq.num_cached_tokens = seq.num_computed
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return seq

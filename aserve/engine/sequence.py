@@ -49,7 +49,6 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int | None = None  # KV-cache row, held from admission until the sequence leaves
     num_computed: int = 0  # tokens whose keys/values are in the cache
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     # A per-request generator makes a seeded request reproducible whatever else is in the batch.
     generator: torch.Generator | None = None
 
@@ -61,9 +60,12 @@ class Sequence:
     def in_prefill(self) -> bool:
         return self.num_computed < len(self.prompt_ids)
 
-    def token_at(self, position: int) -> int:
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Token ids at positions [start, end) of prompt + output, as one slice."""
         n = len(self.prompt_ids)
-        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[max(start - n, 0) : end - n]
 
     @property
     def finish_reason(self) -> str | None:
