@@ -283,6 +283,24 @@ def _apply_chunk(result: RequestResult, chunk: dict[str, Any], now: float) -> No
         result.content_chunks += 1
 
 
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that shape each level's requests; shared with sweep.py."""
+    parser.add_argument("--requests", type=int, default=0, metavar="R",
+                        help="total requests per level, shared by its N clients "
+                             "(default: max(2*N, 8), i.e. about two requests per client)")
+    parser.add_argument("--model", default=None, help="model id (default: the server's first /v1/models id)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="unmeasured requests sent before the first level (default %(default)s)")
+    parser.add_argument("--request-timeout", type=float, default=300.0,
+                        help="seconds allowed per request, connect to [DONE] (default %(default)s)")
+    parser.add_argument("--health-interval-ms", type=float, default=20.0,
+                        help="interval between /health probes (default %(default)s)")
+    parser.add_argument("--end-at-finish", action="store_true",
+                        help="accept streams that end at the finish_reason chunk without [DONE] (transformers serve)")
+
+
 async def stream_one(
     session: aiohttp.ClientSession, url: str, payload: dict[str, Any], index: int, timeout_s: float,
     end_at_finish: bool = False,
@@ -679,21 +697,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default %(default)s)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], metavar="N",
                         help="concurrency levels, run in the given order (default: 1 8 32)")
-    parser.add_argument("--requests", type=int, default=0, metavar="R",
-                        help="total requests per level, shared by its N clients "
-                             "(default: max(2*N, 8), i.e. about two requests per client)")
-    parser.add_argument("--model", default=None, help="model id (default: first id from GET /v1/models)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default %(default)s)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="unmeasured requests sent before the first level (default %(default)s)")
-    parser.add_argument("--request-timeout", type=float, default=300.0,
-                        help="seconds allowed per request, connect to [DONE] (default %(default)s)")
-    parser.add_argument("--health-interval-ms", type=float, default=20.0,
-                        help="interval between /health probes (default %(default)s)")
+    add_request_arguments(parser)
     parser.add_argument("--json", metavar="PATH", default=None, help="also write all figures as JSON to PATH")
-    parser.add_argument("--end-at-finish", action="store_true",
-                        help="accept streams that end at the finish_reason chunk without [DONE] (transformers serve)")
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.concurrency):
         parser.error("--concurrency values must be >= 1")

@@ -312,16 +312,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--baseline", metavar="NAME", default=None,
                    help="target the others are divided by (default: 'baseline' if present, else the first)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64], metavar="N")
-    p.add_argument("--requests", type=int, default=0, metavar="R",
-                   help="requests per level (default: max(2*N, 8))")
-    p.add_argument("--model", default=None, help="model id (default: each server's first /v1/models id)")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured requests per target (default 1)")
-    p.add_argument("--request-timeout", type=float, default=300.0)
-    p.add_argument("--end-at-finish", action="store_true",
-                   help="accept streams that end at the finish_reason chunk without [DONE] (transformers serve)")
-    p.add_argument("--health-interval-ms", type=float, default=20.0)
+    load.add_request_arguments(p)
     p.add_argument("--ready-timeout", type=float, default=600.0,
                    help="seconds a started server may take to answer /health (default 600)")
     p.add_argument("--server-log-dir", default=str(BENCH_DIR / "results"),
