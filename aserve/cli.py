@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         "server": [("--host", str), ("--port", int), ("--served-model-name", str), ("--max-body-bytes", int),
                    ("--shutdown-timeout", float)],
         "model": [("--model", str), ("--cache-dir", str), ("--device", str), ("--dtype", str),
-                  ("--max-model-len", int), ("--load-format", str)],
+                  ("--max-model-len", int), ("--load-format", str), ("--quantization", str)],
         "engine": [("--max-num-seqs", int), ("--max-num-batched-tokens", int), ("--num-threads", int),
                    ("--seed", int), ("--enable-prefix-caching", _bool)],
     }

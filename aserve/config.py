@@ -23,6 +23,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     max_model_len: int | None = 2048  # prompt + completion tokens per request; None: the model's own context
     load_format: str = "auto"  # auto: the weight files; dummy: random weights of the config's shape (benchmarks)
+    quantization: str = "none"  # none | fp16: CPU weight quantization of the linear layers (quantize.py)
 
 
 @dataclass(frozen=True, slots=True)

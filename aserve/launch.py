@@ -39,7 +39,7 @@ def build_state(config: Config) -> ServingState:
     if mc.load_format not in ("auto", "dummy"):
         raise ValueError(f"unknown load_format {mc.load_format!r}; choose auto or dummy")
     loaded = load_model(path, pick_device(mc.device), mc.dtype, mc.max_model_len,
-                        random_weights=mc.load_format == "dummy")
+                        random_weights=mc.load_format == "dummy", quantization=mc.quantization)
     hf_tokenizer = AutoTokenizer.from_pretrained(path)
     # The detokenizer runs on the event loop while the tokenize thread encodes: give it its own
     # copy of the Rust tokenizer rather than share one object across threads.
@@ -53,8 +53,8 @@ def build_state(config: Config) -> ServingState:
         raise ValueError("max_num_batched_tokens must be at least max_num_seqs (every decode needs one token)")
     kv = KVCache.allocate(loaded.args, ec.max_num_seqs, loaded.max_model_len, loaded.dtype, loaded.device,
                           prefix_caching=ec.enable_prefix_caching)
-    log.info("model %s on %s (%s); KV cache %d slots x %d tokens = %.2f GiB", path, loaded.device,
-             loaded.dtype, kv.num_slots, kv.max_len, kv.nbytes / 2**30)
+    log.info("model %s on %s (%s, quantization %s); KV cache %d slots x %d tokens = %.2f GiB", path, loaded.device,
+             loaded.dtype, mc.quantization, kv.num_slots, kv.max_len, kv.nbytes / 2**30)
     engine = EngineLoop(
         Scheduler(kv, ec.max_num_batched_tokens, eos, loaded.args.attention_context_per_token),
         ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed),

@@ -48,17 +48,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quantization", default="none", help="none | fp16 (see aserve/models/quantize.py)")
     args = parser.parse_args()
     if args.steps < 1 or min(args.batch) < 1 or min(args.context) < 1:
         parser.error("--steps, --batch and --context must be >= 1")
     path = resolve_model(args.model, default_cache_dir())
-    loaded = load_model(Path(path), args.device, args.dtype, max(args.context) + args.steps + 8)
+    loaded = load_model(Path(path), args.device, args.dtype, max(args.context) + args.steps + 8,
+                        quantization=args.quantization)
     kv = KVCache.allocate(loaded.args, max(args.batch), loaded.max_model_len, loaded.dtype, loaded.device)
     runner = ModelRunner(loaded.model, kv, loaded.device, seed=0)
     if max(args.context) + args.steps + 1 > loaded.max_model_len:
         parser.error(f"--context {max(args.context)} + --steps {args.steps} exceeds the model's context "
                      f"{loaded.max_model_len}")
-    print(f"threads={torch.get_num_threads()} context={' '.join(map(str, args.context))} dtype={loaded.dtype}")
+    print(f"threads={torch.get_num_threads()} context={' '.join(map(str, args.context))} dtype={loaded.dtype} quantization={args.quantization}")
     print("context  batch  step_ms  tokens/s", flush=True)
     for context in args.context:
         for batch in args.batch:

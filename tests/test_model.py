@@ -98,3 +98,25 @@ def test_random_weights_give_the_configs_shape_without_reading_weight_files(tmp_
     runner = ModelRunner(loaded.model, KVCache.allocate(loaded.args, 1, 64, loaded.dtype, loaded.device), loaded.device)
     logits = _logits(runner, [ScheduledSeq(_seq("a", [3, 4, 5], slot=0), 3)])
     assert logits.shape == (1, real.args.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_fp16_quantization_replaces_every_linear_and_keeps_logits_close(model_dir):
+    loaded = load_model(model_dir, "cpu", "float32", 128, quantization="fp16")
+    assert not any(type(m) is torch.nn.Linear for m in loaded.model.modules())
+    kv = KVCache.allocate(loaded.args, 4, loaded.max_model_len, loaded.dtype, loaded.device)
+    runner = ModelRunner(loaded.model, kv, loaded.device, seed=0)
+    prompt = list(range(3, 20))
+    logits = _logits(runner, [ScheduledSeq(_seq("a", prompt, slot=0), len(prompt))])
+    reference = _reference(model_dir, prompt)[-1]
+    # float16 weights keep ~3 significant digits, so logits move by ~1e-3 of their scale.
+    torch.testing.assert_close(logits[0], reference, atol=2e-3 * reference.abs().max().item(), rtol=0)
+    assert logits[0].argmax() == reference.argmax()
+
+
+@pytest.mark.parametrize(("mode", "dtype", "message"), [
+    ("int8", "float32", "unknown quantization 'int8'"),
+    ("fp16", "bfloat16", "needs dtype float32"),
+])
+def test_unusable_quantization_is_refused_with_the_reason(tiny_llama_dir, mode, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(tiny_llama_dir, "cpu", dtype, 128, quantization=mode)

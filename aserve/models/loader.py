@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from aserve.models.llama import LlamaModel, ModelArgs, rope_tables
+from aserve.models.quantize import quantize_linears
 
 log = logging.getLogger("aserve.loader")
 
@@ -111,9 +112,10 @@ def _fused_state_dict(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict
 
 
 def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
-               random_weights: bool = False) -> LoadedModel:
+               random_weights: bool = False, quantization: str = "none") -> LoadedModel:
     """`random_weights`: ignore any weight files and initialize randomly (the config alone
-    gives the shape), to measure speed of model shapes whose weights are not at hand."""
+    gives the shape), to measure speed of model shapes whose weights are not at hand.
+    `quantization`: see quantize.py."""
     config = read_hf_config(path)
     tensors = None if random_weights else _read_tensors(path)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -157,6 +159,7 @@ def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
     inv_freq, rope_scaling = _rope_inv_freq(config, head_dim)
     model.set_rope(*(t.to(torch_device) for t in rope_tables(inv_freq, rope_scaling, max_len)))
     model.eval()
+    quantize_linears(model, quantization, torch_device)
     return LoadedModel(model, args, max_len, _eos_ids(path, config), torch_dtype, torch_device)
 
 
