@@ -48,12 +48,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-model-len", type=int, default=2048,
+                        help="positions per KV slot, as the server allocates them (default: the server's 2048)")
     parser.add_argument("--quantization", default="none", help="none | fp16 (see aserve/models/quantize.py)")
     args = parser.parse_args()
     if args.steps < 1 or min(args.batch) < 1 or min(args.context) < 1:
         parser.error("--steps, --batch and --context must be >= 1")
     path = resolve_model(args.model, default_cache_dir())
-    loaded = load_model(Path(path), args.device, args.dtype, max(args.context) + args.steps + 8,
+    loaded = load_model(Path(path), args.device, args.dtype, max(args.max_model_len, max(args.context) + args.steps + 1),
                         quantization=args.quantization)
     kv = KVCache.allocate(loaded.args, max(args.batch), loaded.max_model_len, loaded.dtype, loaded.device)
     runner = ModelRunner(loaded.model, kv, loaded.device, seed=0)

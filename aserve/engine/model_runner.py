@@ -56,12 +56,13 @@ class ModelRunner:
             else:
                 decode_slots.append(seq.slot)
                 decode_lens.append(start + 1)
-        decode_mask = None
+        decode_bias = None
         decode_rows = max(decode_slots, default=-1) + 1
         if decode_slots:
             lens = torch.ones(decode_rows, dtype=torch.long)  # idle rows see position 0 only, to stay finite
             lens[decode_slots] = torch.tensor(decode_lens)
-            decode_mask = (torch.arange(max(decode_lens)).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+            hidden = torch.arange(max(decode_lens)).unsqueeze(0) >= lens.unsqueeze(1)
+            decode_bias = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))[:, None, None, :]
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device, non_blocking=True)  # noqa: E731
         return ForwardBatch(
             input_ids=as_tensor(input_ids),
@@ -69,7 +70,7 @@ class ModelRunner:
             token_slots=as_tensor(slots),
             decode_slots=as_tensor(decode_slots),
             decode_rows=decode_rows,
-            decode_mask=None if decode_mask is None else decode_mask.to(self.device),
+            decode_bias=None if decode_bias is None else decode_bias.to(self.device, non_blocking=True),
             prefills=prefills,
             logits_indices=as_tensor(logits_indices),
         )
