@@ -186,3 +186,17 @@ async def test_prefix_cache_reuses_a_finished_requests_tokens_without_changing_t
         cached = await collect(engine, "t2", second_turn)
         assert engine.stats()["prefix_cache_tokens_reused"] == len(first_turn)
     assert cached == expected
+
+
+async def test_a_prefix_held_by_a_running_request_is_copied_without_changing_the_output(tiny_llama_dir):
+    system = PROMPTS[1]
+    first, second = system + [7, 8, 9], system + [70, 71]
+    async with running_engine(tiny_llama_dir, max_num_seqs=2, enable_prefix_caching=False) as engine:
+        expected = await collect(engine, "b", second)
+    async with running_engine(tiny_llama_dir, max_num_seqs=2) as engine:
+        running = asyncio.create_task(collect(engine, "a", first, max_tokens=200))
+        await wait_until(lambda: engine.stats()["steps"] >= 2)  # "a" is decoding, its prompt cached
+        copied = await collect(engine, "b", second)
+        assert engine.stats()["prefix_cache_tokens_reused"] == len(system)
+        running.cancel()
+    assert copied == expected

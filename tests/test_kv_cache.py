@@ -55,3 +55,24 @@ def test_no_slot_is_handed_out_twice():
     kv = _cache(slots=2)
     assert {kv.take_slot([1])[0], kv.take_slot([1])[0]} == {0, 1}
     assert kv.take_slot([1]) is None and kv.num_free == 0
+
+
+def test_a_prefix_held_by_a_slot_in_use_is_copied_into_the_least_recently_freed_slot():
+    kv = _cache()
+    busy, old, recent = (kv.take_slot([0])[0] for _ in range(3))
+    kv.free_slot(old, [5])
+    kv.free_slot(recent, [1, 2])
+    kv.k[:, busy, :, :3] = 7.0
+    assert kv.take_slot([1, 2, 3, 4, 6], in_use=[(busy, [1, 2, 3, 4, 5])]) == (old, 4)
+    assert kv.pending_copies == [(busy, old, 4)]
+    kv.apply_pending_copies()
+    assert kv.k[0, old, 0, :4, 0].tolist() == [7.0, 7.0, 7.0, 0.0]
+    assert kv.pending_copies == []
+
+
+def test_a_free_slot_with_an_equal_prefix_is_preferred_to_a_copy():
+    kv = _cache()
+    busy, free = kv.take_slot([0])[0], kv.take_slot([0])[0]
+    kv.free_slot(free, [1, 2, 3])
+    assert kv.take_slot([1, 2, 3, 4], in_use=[(busy, [1, 2, 3])]) == (free, 3)
+    assert kv.pending_copies == []

@@ -5,10 +5,17 @@ tokens they belong to. A new request whose prompt starts with those tokens (a mu
 chat resent with one more turn, say) takes that slot and skips prefilling the shared part:
 slot-level prefix caching. Free slots are otherwise reused least recently freed first, so
 the most recent conversations stay cached longest.
+
+A prefix held by a slot still in use (a system prompt shared by concurrent requests) is
+copied into the new slot instead: a copy of n positions costs a memcpy where recomputing
+them costs n tokens of forward. Copies are queued here and applied by the model runner
+on its own thread, before the next forward, so no forward ever sees a half-copied slot.
+Slots keep their rows contiguous, rather than sharing blocks by reference through a block
+table, so that all decodes of a step attend over one strided view of the cache with no gather.
 """
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +44,8 @@ class KVCache:
     # Free slots, least recently freed first, each with the tokens whose keys/values it holds.
     _free: OrderedDict[int, list[int]] = field(default_factory=OrderedDict)
     cached_tokens_reused: int = 0  # prompt tokens not recomputed thanks to the prefix cache
+    # (source slot, destination slot, positions): prefixes to copy before the next forward
+    pending_copies: list[tuple[int, int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self._free:
@@ -66,22 +75,39 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def take_slot(self, prompt: Sequence[int]) -> tuple[int, int] | None:
+    def take_slot(self, prompt: Sequence[int], in_use: Iterable[tuple[int, Sequence[int]]] = ()) -> tuple[int, int] | None:
         """Returns (slot, how many leading prompt tokens that slot already holds), or None
-        when every slot is in use."""
+        when every slot is in use. `in_use`: (slot, tokens it holds) of the slots in use, whose
+        prefixes may be copied."""
         if not self._free:
             return None
-        slot, cached = next(iter(self._free)), 0
+        slot, cached, source = next(iter(self._free)), 0, None
         if self.prefix_caching:
             for candidate, tokens in self._free.items():
                 n = common_prefix_len(tokens, prompt)
                 if n > cached:
                     slot, cached = candidate, n
+            for candidate, tokens in in_use:
+                n = common_prefix_len(tokens, prompt)
+                if n > cached:
+                    source, cached = candidate, n
         # The last prompt token is always computed: its logits give the first new token.
         cached = min(cached, len(prompt) - 1)
+        if source is not None:
+            # Copy into the least recently freed slot, keeping the other cached prefixes.
+            slot = next(iter(self._free))
+            if cached > 0:
+                self.pending_copies.append((source, slot, cached))
         del self._free[slot]
         self.cached_tokens_reused += cached
         return slot, cached
+
+    def apply_pending_copies(self) -> None:
+        """Called on the model thread, before a forward."""
+        for src, dst, n in self.pending_copies:
+            self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+            self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.pending_copies.clear()
 
     def free_slot(self, slot: int, cached_tokens: list[int]) -> None:
         """`cached_tokens`: the tokens whose keys/values the slot holds, from position 0."""

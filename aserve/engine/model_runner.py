@@ -27,6 +27,7 @@ class ModelRunner:
         that has not reached the end of its prompt yet."""
         # Grad mode is thread-local, so it must be set here, on the thread that runs the model.
         with torch.inference_mode():
+            self.kv_cache.apply_pending_copies()
             batch = self._build_batch(scheduled)
             logits = self.model(batch, self.kv_cache.k, self.kv_cache.v)
             sampling = [s.seq for s in scheduled if s.samples]

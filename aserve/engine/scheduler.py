@@ -73,7 +73,8 @@ class Scheduler:
         return decodes + prefills
 
     def _admit(self, seq: Sequence) -> Sequence:
-        seq.slot, seq.num_computed = self.kv_cache.take_slot(seq.prompt_ids)
+        in_use = ((s.slot, s.tokens(0, s.num_computed)) for s in self.running if s.num_computed)
+        seq.slot, seq.num_computed = self.kv_cache.take_slot(seq.prompt_ids, in_use)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return seq
