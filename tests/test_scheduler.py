@@ -16,7 +16,9 @@ def _scheduler(slots: int = 2, budget: int = 16, max_len: int = 64) -> Scheduler
 
 
 def _seq(rid: str, prompt_len: int = 4, max_tokens: int = 10) -> Sequence:
-    return Sequence(rid, list(range(10, 10 + prompt_len)), SamplingParams(max_tokens=max_tokens, temperature=0))
+    # Prompts differ per request id, so no request finds another's prefix in the cache.
+    first = 10 + 50 * (sum(map(ord, rid)) % 20)
+    return Sequence(rid, list(range(first, first + prompt_len)), SamplingParams(max_tokens=max_tokens, temperature=0))
 
 
 def _step(s: Scheduler, token: int = 5):
