@@ -57,7 +57,8 @@ def build_state(config: Config) -> ServingState:
              loaded.dtype, mc.quantization, kv.num_slots, kv.max_len, kv.nbytes / 2**30)
     engine = EngineLoop(
         Scheduler(kv, ec.max_num_batched_tokens, eos, loaded.args.attention_context_per_token),
-        ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed),
+        ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed,
+                    single_thread_max_tokens=ec.single_thread_max_tokens if loaded.device.type == "cpu" else 0),
         detok_tokenizer,
     )
     name = config.server.served_model_name or path.name

@@ -7,6 +7,7 @@ sampling + the host sync that reads tokens) at that context.
 """
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-model-len", type=int, default=2048,
                         help="positions per KV slot, as the server allocates them (default: the server's 2048)")
+    parser.add_argument("--json", metavar="PATH", help="also write [{context, batch, step_ms, tokens_per_s}] here")
     parser.add_argument("--quantization", default="none", help="none | fp16 (see aserve/models/quantize.py)")
     args = parser.parse_args()
     if args.steps < 1 or min(args.batch) < 1 or min(args.context) < 1:
@@ -64,11 +66,16 @@ def main() -> None:
                      f"{loaded.max_model_len}")
     print(f"threads={torch.get_num_threads()} context={' '.join(map(str, args.context))} dtype={loaded.dtype} quantization={args.quantization}")
     print("context  batch  step_ms  tokens/s", flush=True)
+    points = []
     for context in args.context:
         for batch in args.batch:
             elapsed = measure(runner, batch, context, args.steps)
-            print(f"{context:7d}  {batch:5d}  {1000 * elapsed / args.steps:7.1f}  {batch * args.steps / elapsed:8.1f}",
+            points.append({"context": context, "batch": batch, "step_ms": 1000 * elapsed / args.steps,
+                           "tokens_per_s": batch * args.steps / elapsed})
+            print(f"{context:7d}  {batch:5d}  {points[-1]['step_ms']:7.1f}  {points[-1]['tokens_per_s']:8.1f}",
                   flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(points, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ PNG (throughput, TTFT and ITL against concurrency, one line per target).
 --start-aserve=ARGS / --start-baseline=ARGS start the server themselves (`aserve serve ARGS`,
 `bench/baseline_server.py ARGS`), each just before its own sweep and stopped right after
 it, so two servers never share the CPU. Write them with '=' (ARGS begins with '--'):
---start-aserve="--port 8401 --max-num-seqs 8".
+--start-aserve="--port 8401 --max-num-seqs 8". --start-aserve-as=NAME=ARGS (repeatable) starts
+further aserve configurations under their own names, to compare them in the same run.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ class Target:
     command: list[str] | None = None  # set when this script starts the server
     model: str | None = None
     levels: list[load.LevelResult] = field(default_factory=list)
+    ceiling: dict[int, float] = field(default_factory=dict)  # batch -> model runner tokens/s, from --ceiling
     error: str | None = None  # the whole target failed (server did not start, warm-up failed, ...)
 
 
@@ -159,7 +161,23 @@ async def sweep_target(target: Target, args: argparse.Namespace) -> None:
                 target.levels.append(await load.run_level(n, largs, target.model, session, on_result))
 
 
+def measure_ceiling(target: Target, arg_string: str, batches: list[int], log_dir: Path) -> None:
+    """The model runner alone (bench/runner_ceiling.py ARGS) at this sweep's concurrencies,
+    run before any server starts so that nothing else shares the CPU."""
+    out = log_dir / f"ceiling-{target.name}.json"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(BENCH_DIR / "runner_ceiling.py"), "--batch", *map(str, batches), "--context", "128",
+           "--json", str(out), *shlex.split(arg_string)]
+    print(f"[{target.name}] ceiling: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, cwd=BENCH_DIR.parent, stdout=subprocess.DEVNULL)
+    target.ceiling = {p["batch"]: p["tokens_per_s"] for p in orjson.loads(out.read_bytes())}
+
+
 async def run(args: argparse.Namespace, targets: list[Target]) -> None:
+    for spec in args.ceiling:
+        name, _, arg_string = spec.partition("=")
+        target = next(t for t in targets if t.name == name)
+        measure_ceiling(target, arg_string, args.concurrency, Path(args.server_log_dir))
     for target in targets:
         try:
             if target.command:
@@ -183,7 +201,7 @@ def _f(value: float | None, digits: int = 1) -> str:
 def format_results(targets: list[Target]) -> str:
     header = (f"{'target':<10} {'conc':>4} {'reqs':>5} {'err':>4} {'out_tok/s':>10} {'req/s':>7} "
               f"{'ttft_p50':>9} {'ttft_p95':>9} {'ttft_p99':>9} {'itl_p50':>8} {'itl_p95':>8} {'itl_p99':>8} "
-              f"{'hlth_p99':>9}")
+              f"{'hlth_p99':>9} {'ceiling':>8}")
     lines = [header, "-" * len(header)]
     for t in targets:
         if t.error and not t.levels:
@@ -193,15 +211,21 @@ def format_results(targets: list[Target]) -> str:
                 f"{t.name:<10} {lv.concurrency:>4} {lv.requests:>5} {lv.errors:>4} {lv.output_tokens_per_s:>10.1f} "
                 f"{lv.requests_per_s:>7.2f} {_f(lv.ttft_ms.p50):>9} {_f(lv.ttft_ms.p95):>9} {_f(lv.ttft_ms.p99):>9} "
                 f"{_f(lv.itl_ms.p50, 2):>8} {_f(lv.itl_ms.p95, 2):>8} {_f(lv.itl_ms.p99, 2):>8} "
-                f"{_f(lv.health_ms.p99, 2):>9}")
+                f"{_f(lv.health_ms.p99, 2):>9} {_ceiling_share(t, lv):>8}")
     lines.append("(latencies in ms; ttft = sent -> first content chunk; itl = per-token gap between content "
-                 "chunks; hlth = GET /health during the level)")
+                 "chunks; hlth = GET /health during the level; ceiling = out_tok/s / the model runner's "
+                 "decode tokens/s at batch = conc, context 128)")
     notes = []
     for t in targets:
         text = load.format_notes(t.levels)
         if text:
             notes.append(f"[{t.name}]\n" + text)
     return "\n".join(lines + notes)
+
+
+def _ceiling_share(target: Target, level: load.LevelResult) -> str:
+    ceiling = target.ceiling.get(level.concurrency)
+    return f"{level.output_tokens_per_s / ceiling:.0%}" if ceiling else "-"
 
 
 def compute_ratios(targets: list[Target], baseline: str) -> dict[str, list[dict[str, Any]]]:
@@ -293,6 +317,7 @@ def to_json(args: argparse.Namespace, targets: list[Target], ratios: dict, start
                                                    "warmup", "request_timeout", "health_interval_ms")},
         "baseline": args.baseline,
         "targets": [{"name": t.name, "url": t.url, "command": t.command, "model": t.model, "error": t.error,
+                     "ceiling_tokens_per_s": {str(batch): rate for batch, rate in t.ceiling.items()},
                      "levels": [asdict(lv) for lv in t.levels]} for t in targets],
         "ratios": ratios,
     }
@@ -307,6 +332,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                    help="a running server to measure (repeatable; measured in the order given)")
     p.add_argument("--start-aserve", metavar="ARGS", default=None,
                    help="start `aserve serve ARGS` as target 'aserve' (port from --port, default 8000)")
+    p.add_argument("--start-aserve-as", action="append", default=[], metavar="NAME=ARGS",
+                   help="start `aserve serve ARGS` as target NAME (repeatable: compare configurations in one run)")
+    p.add_argument("--ceiling", action="append", default=[], metavar="NAME=ARGS",
+                   help="measure the model runner alone (bench/runner_ceiling.py ARGS, context 128) at each "
+                        "concurrency as batch size, and report target NAME's out_tok/s as a fraction of it")
     p.add_argument("--start-baseline", metavar="ARGS", default=None,
                    help="start `bench/baseline_server.py ARGS` as target 'baseline' (default port 8001)")
     p.add_argument("--baseline", metavar="NAME", default=None,
@@ -328,15 +358,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         if not sep or not name or not url.startswith("http"):
             p.error(f"--target {spec!r}: expected NAME=http://HOST:PORT")
         targets.append(Target(name, url.rstrip("/")))
-    for kind, arg_string in (("aserve", args.start_aserve), ("baseline", args.start_baseline)):
+    starts = [("aserve", "aserve", args.start_aserve)]
+    for spec in args.start_aserve_as:
+        name, sep, arg_string = spec.partition("=")
+        if not sep or not name:
+            p.error(f"--start-aserve-as {spec!r}: expected NAME=ARGS")
+        starts.append((name, "aserve", arg_string))
+    for name, kind, arg_string in starts + [("baseline", "baseline", args.start_baseline)]:
         if arg_string is not None:
             cmd, url = start_command(kind, arg_string)
-            targets.append(Target(kind, url, cmd))
+            targets.append(Target(name, url, cmd))
     names = [t.name for t in targets]
     if not targets:
         p.error("give at least one --target NAME=URL or --start-aserve/--start-baseline")
     if len(set(names)) != len(names):
         p.error(f"target names must be unique: {names}")
+    for spec in args.ceiling:
+        if spec.partition("=")[0] not in names:
+            p.error(f"--ceiling {spec!r}: NAME must be one of {names}")
     if args.baseline is None:
         args.baseline = "baseline" if "baseline" in names else names[0]
     elif args.baseline not in names:
