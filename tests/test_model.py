@@ -9,6 +9,7 @@ from aserve.engine.model_runner import ModelRunner
 from aserve.engine.scheduler import ScheduledSeq
 from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from aserve.models.loader import UnsupportedModelError, load_model, read_hf_config
+from aserve.models.onednn_linear import OneDNNLinear, onednn_available
 
 ARCH_FIXTURES = ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_qwen3_dir"]
 
@@ -98,6 +99,14 @@ def test_random_weights_give_the_configs_shape_without_reading_weight_files(tmp_
     runner = ModelRunner(loaded.model, KVCache.allocate(loaded.args, 1, 64, loaded.dtype, loaded.device), loaded.device)
     logits = _logits(runner, [ScheduledSeq(_seq("a", [3, 4, 5], slot=0), 3)])
     assert logits.shape == (1, real.args.vocab_size) and torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
+def test_float32_cpu_linears_are_prepacked_for_onednn(tiny_llama_dir):
+    # The logits tests above then check the packed path against transformers.
+    model = load_model(tiny_llama_dir, "cpu", "float32", 64).model
+    kinds = {type(m) for m in model.modules()}
+    assert OneDNNLinear in kinds and torch.nn.Linear not in kinds
 
 
 def test_fp16_quantization_replaces_every_linear_and_keeps_logits_close(model_dir):

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from aserve.models.llama import LlamaModel, ModelArgs, rope_tables
+from aserve.models.onednn_linear import pack_linears
 from aserve.models.quantize import quantize_linears
 
 log = logging.getLogger("aserve.loader")
@@ -160,6 +161,7 @@ def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
     model.set_rope(*(t.to(torch_device) for t in rope_tables(inv_freq, rope_scaling, max_len)))
     model.eval()
     quantize_linears(model, quantization, torch_device)
+    pack_linears(model)  # what quantization left in float32 on CPU
     return LoadedModel(model, args, max_len, _eos_ids(path, config), torch_dtype, torch_device)
 
 
