@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         "model": [("--model", str), ("--cache-dir", str), ("--device", str), ("--dtype", str),
                   ("--max-model-len", int), ("--load-format", str), ("--quantization", str)],
         "engine": [("--max-num-seqs", int), ("--max-num-batched-tokens", int), ("--num-threads", int),
-                   ("--single-thread-max-tokens", int),
+                   ("--small-step-tokens", int),
                    ("--seed", int), ("--enable-prefix-caching", _bool)],
     }
     for section, items in opts.items():

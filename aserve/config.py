@@ -32,7 +32,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per step; bounds how long a prefill chunk can stall decodes
     enable_prefix_caching: bool = True  # a prompt that starts like a finished request's reuses its cached KV
     num_threads: int = 0  # torch CPU threads; 0: one per core
-    single_thread_max_tokens: int = 8  # CPU steps of at most this many tokens run on one thread; 0: never
+    small_step_tokens: int = 8  # CPU steps of at most this many tokens use one thread fewer; 0: never
     seed: int | None = None  # seed for requests that set none; None: random
 
 

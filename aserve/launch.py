@@ -58,7 +58,7 @@ def build_state(config: Config) -> ServingState:
     engine = EngineLoop(
         Scheduler(kv, ec.max_num_batched_tokens, eos, loaded.args.attention_context_per_token),
         ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed,
-                    single_thread_max_tokens=ec.single_thread_max_tokens if loaded.device.type == "cpu" else 0),
+                    small_step_tokens=ec.small_step_tokens if loaded.device.type == "cpu" else 0),
         detok_tokenizer,
     )
     name = config.server.served_model_name or path.name

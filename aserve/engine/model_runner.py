@@ -13,16 +13,16 @@ from aserve.models.llama import LlamaModel
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device, seed: int | None = None,
-                 single_thread_max_tokens: int = 0) -> None:
-        """`single_thread_max_tokens`: steps of at most this many tokens run on one CPU thread.
-        Splitting a small step's matmuls across threads gains little, and on a small machine
-        the event loop and the clients need a core too: an intra-op thread they preempt stalls
-        the whole step at the next barrier (measured on 2 cores, fp16 weights: 1 stream 41 ->
-        58 tok/s with one thread; at 32 streams two threads stay faster)."""
+                 small_step_tokens: int = 0) -> None:
+        """`small_step_tokens`: steps of at most this many tokens run on one CPU thread fewer,
+        leaving a core to the event loop and the clients. Otherwise an intra-op thread that
+        they preempt stalls the whole step at the next barrier: on 2 cores, one stream ran at
+        32 tok/s on two threads and 42 on one (float32). Large steps amortize the stalls, so
+        they keep every thread (at 32 streams two threads stay faster)."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
-        self.single_thread_max_tokens = single_thread_max_tokens
+        self.small_step_tokens = small_step_tokens
         self.max_threads = torch.get_num_threads()
         self.generator = torch.Generator(device)
         if seed is None:
@@ -34,9 +34,9 @@ class ModelRunner:
         """Returns, per scheduled sequence, its next token, or None for a prefill chunk
         that has not reached the end of its prompt yet."""
         # Grad mode is thread-local, so it must be set here, on the thread that runs the model.
-        if self.single_thread_max_tokens:
-            small = sum(s.num_tokens for s in scheduled) <= self.single_thread_max_tokens
-            threads = 1 if small else self.max_threads
+        if self.small_step_tokens:
+            small = sum(s.num_tokens for s in scheduled) <= self.small_step_tokens
+            threads = max(1, self.max_threads - 1) if small else self.max_threads
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
         with torch.inference_mode():
