@@ -298,15 +298,16 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--health-interval-ms", type=float, default=20.0,
                         help="interval between /health probes (default %(default)s)")
     parser.add_argument("--end-at-finish", action="store_true",
-                        help="accept streams that end at the finish_reason chunk without [DONE] (transformers serve)")
+                        help="accept streams that end without [DONE] once finish_reason and usage arrived (transformers serve)")
 
 
 async def stream_one(
     session: aiohttp.ClientSession, url: str, payload: dict[str, Any], index: int, timeout_s: float,
     end_at_finish: bool = False,
 ) -> RequestResult:
-    """end_at_finish: also accept a stream that ends at its finish_reason chunk without
-    `data: [DONE]` (transformers serve sends none), so such servers can be measured."""
+    """end_at_finish: also accept a stream that ends, without `data: [DONE]`, once it has
+    sent both its finish_reason and its usage (transformers serve sends no [DONE] and puts
+    usage in the finish chunk), so such servers can be measured."""
     result = RequestResult(index=index, ok=False)
     es: EventSource | None = None
 
@@ -350,8 +351,8 @@ async def stream_one(
                     except orjson.JSONDecodeError as exc:
                         raise StreamProtocolError(f"bad JSON in event: {event.data[:120]!r}") from exc
                     _apply_chunk(result, chunk, now)
-                    if end_at_finish and any(c.get("finish_reason") for c in chunk.get("choices") or []):
-                        done = True
+                    if end_at_finish and result.finish_reason and result.usage_reported:
+                        done = True  # a server that sends usage after finish_reason still gets read to the end
                         break
             if not done:  # e.g. HTTP 204: the library stops without an event
                 raise StreamProtocolError("stream ended before 'data: [DONE]'")
