@@ -75,7 +75,8 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def take_slot(self, prompt: Sequence[int], in_use: Iterable[tuple[int, Sequence[int]]] = ()) -> tuple[int, int] | None:
+    def take_slot(self, prompt: Sequence[int],
+                  in_use: Iterable[tuple[int, Sequence[int]]] = ()) -> tuple[int, int] | None:
         """Returns (slot, how many leading prompt tokens that slot already holds), or None
         when every slot is in use. `in_use`: (slot, tokens it holds) of the slots in use, whose
         prefixes may be copied."""

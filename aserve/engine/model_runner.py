@@ -33,12 +33,12 @@ class ModelRunner:
     def run(self, scheduled: Seq[ScheduledSeq]) -> list[int | None]:
         """Returns, per scheduled sequence, its next token, or None for a prefill chunk
         that has not reached the end of its prompt yet."""
-        # Grad mode is thread-local, so it must be set here, on the thread that runs the model.
         if self.small_step_tokens:
             small = sum(s.num_tokens for s in scheduled) <= self.small_step_tokens
             threads = max(1, self.max_threads - 1) if small else self.max_threads
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
+        # Grad mode is thread-local, so it must be set here, on the thread that runs the model.
         with torch.inference_mode():
             self.kv_cache.apply_pending_copies()
             batch = self._build_batch(scheduled)
