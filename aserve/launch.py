@@ -13,10 +13,13 @@ from aserve.engine.kv_cache import KVCache
 from aserve.engine.model_runner import ModelRunner
 from aserve.engine.scheduler import Scheduler
 from aserve.models.loader import load_model
+from aserve.models.quantize import QUANTIZATION_MODES
 from aserve.models.store import default_cache_dir, resolve_model
 from aserve.server.serving import ServingState
 
 log = logging.getLogger("aserve")
+# torch's own default (one thread per core), read before any model runner changes the count.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 
 def pick_device(name: str) -> str:
@@ -32,12 +35,14 @@ def build_state(config: Config) -> ServingState:
     from transformers import AutoTokenizer
 
     mc, ec = config.model, config.engine
-    if ec.num_threads > 0:
-        torch.set_num_threads(ec.num_threads)
+    threads = ec.num_threads if ec.num_threads > 0 else TORCH_DEFAULT_THREADS
+    torch.set_num_threads(threads)
     cache_dir = Path(mc.cache_dir) if mc.cache_dir else default_cache_dir()
     path = resolve_model(mc.path, cache_dir)
     if mc.load_format not in ("auto", "dummy"):
         raise ValueError(f"unknown load_format {mc.load_format!r}; choose auto or dummy")
+    if mc.quantization not in QUANTIZATION_MODES:  # before minutes of loading, not after
+        raise ValueError(f"unknown quantization {mc.quantization!r}; choose {', '.join(QUANTIZATION_MODES)}")
     loaded = load_model(path, pick_device(mc.device), mc.dtype, mc.max_model_len,
                         random_weights=mc.load_format == "dummy", quantization=mc.quantization)
     hf_tokenizer = AutoTokenizer.from_pretrained(path)
@@ -57,7 +62,7 @@ def build_state(config: Config) -> ServingState:
              loaded.dtype, mc.quantization, kv.num_slots, kv.max_len, kv.nbytes / 2**30)
     engine = EngineLoop(
         Scheduler(kv, ec.max_num_batched_tokens, eos, loaded.args.attention_context_per_token),
-        ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed,
+        ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed, max_threads=threads,
                     small_step_tokens=ec.small_step_tokens if loaded.device.type == "cpu" else 0),
         detok_tokenizer,
     )

@@ -226,6 +226,10 @@ def add_error_message(messages: list[str], message: str) -> None:
         messages.append(message)
 
 
+class _EndedAfterFinish(Exception):
+    """With --end-at-finish: the body ended after finish_reason, with no [DONE] or usage."""
+
+
 class StreamProtocolError(Exception):
     """The stream violated the expected OpenAI SSE chunk protocol."""
 
@@ -318,6 +322,8 @@ async def stream_one(
         # aborts that reconnect.  On a failed initial connect the state is
         # already CLOSED, so the library's own exception propagates instead.
         if es is not None and es.ready_state == READY_STATE_CONNECTING:
+            if end_at_finish and result.finish_reason:
+                raise _EndedAfterFinish  # a server that sends neither [DONE] nor usage
             raise StreamProtocolError("stream ended before 'data: [DONE]'")
 
     # Timing starts before the connection is made, so TTFT includes connect
@@ -337,23 +343,26 @@ async def stream_one(
                 raise_for_status=raise_with_body,
             )
             done = False
-            async with es:
-                # EventSource reads the body line by line as it arrives
-                # (StreamReader.readline) and yields each event at its blank
-                # line, so it adds no buffering delay to the timestamps.
-                async for event in es:
-                    now = time.perf_counter()
-                    if event.data == "[DONE]":
-                        done = True
-                        break  # must stop here, or the library would reconnect
-                    try:
-                        chunk = orjson.loads(event.data)
-                    except orjson.JSONDecodeError as exc:
-                        raise StreamProtocolError(f"bad JSON in event: {event.data[:120]!r}") from exc
-                    _apply_chunk(result, chunk, now)
-                    if end_at_finish and result.finish_reason and result.usage_reported:
-                        done = True  # a server that sends usage after finish_reason still gets read to the end
-                        break
+            try:
+                async with es:
+                    # EventSource reads the body line by line as it arrives
+                    # (StreamReader.readline) and yields each event at its blank
+                    # line, so it adds no buffering delay to the timestamps.
+                    async for event in es:
+                        now = time.perf_counter()
+                        if event.data == "[DONE]":
+                            done = True
+                            break  # must stop here, or the library would reconnect
+                        try:
+                            chunk = orjson.loads(event.data)
+                        except orjson.JSONDecodeError as exc:
+                            raise StreamProtocolError(f"bad JSON in event: {event.data[:120]!r}") from exc
+                        _apply_chunk(result, chunk, now)
+                        if end_at_finish and result.finish_reason and result.usage_reported:
+                            done = True  # a server that sends usage after finish_reason still gets read to the end
+                            break
+            except _EndedAfterFinish:
+                done = True
             if not done:  # e.g. HTTP 204: the library stops without an event
                 raise StreamProtocolError("stream ended before 'data: [DONE]'")
         result.end = time.perf_counter()

@@ -4,10 +4,12 @@ import asyncio
 from contextlib import asynccontextmanager
 
 import pytest
+import torch
 
 from aserve.config import load_config
 from aserve.engine.engine_loop import EngineError, EngineLoop, GenerationRequest
-from aserve.engine.sequence import SamplingParams
+from aserve.engine.scheduler import ScheduledSeq
+from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from aserve.launch import build_state
 
 PROMPTS = [[5, 6, 7], list(range(20, 61)), [9] * 12, list(range(100, 117))]
@@ -197,6 +199,20 @@ async def test_a_prefix_held_by_a_running_request_is_copied_without_changing_the
         running = asyncio.create_task(collect(engine, "a", first, max_tokens=200))
         await wait_until(lambda: engine.stats()["steps"] >= 2)  # "a" is decoding, its prompt cached
         copied = await collect(engine, "b", second)
+        assert not running.done()  # "b" was admitted while "a" still held the prefix
         assert engine.stats()["prefix_cache_tokens_reused"] == len(system)
         running.cancel()
     assert copied == expected
+
+
+def test_an_engine_built_after_small_steps_still_gets_every_thread(tiny_llama_dir):
+    # A small step lowers torch's thread count on the thread that runs it; an engine built
+    # later on that thread must still be given the configured count.
+    config = load_config(None, {"model": {"path": str(tiny_llama_dir), "max_model_len": 64}})
+    first = build_state(config).engine.runner
+    seq = Sequence("a", [5, 6, 7], SamplingParams(max_tokens=2), status=SequenceStatus.RUNNING, slot=0)
+    first.run([ScheduledSeq(seq, 3)])
+    try:
+        assert build_state(config).engine.runner.max_threads == first.max_threads
+    finally:
+        torch.set_num_threads(first.max_threads)

@@ -62,11 +62,22 @@ def test_a_prefix_held_by_a_slot_in_use_is_copied_into_the_least_recently_freed_
     busy, old, recent = (kv.take_slot([0])[0] for _ in range(3))
     kv.free_slot(old, [5])
     kv.free_slot(recent, [1, 2])
-    kv.k[:, busy, :, :3] = 7.0
+    kv.k[:, busy, :, :5] = torch.arange(1.0, 6.0).view(5, 1)
+    kv.v[:, busy, :, :5] = -torch.arange(1.0, 6.0).view(5, 1)
     assert kv.take_slot([1, 2, 3, 4, 6], in_use=[(busy, [1, 2, 3, 4, 5])]) == (old, 4)
     assert kv.pending_copies == [(busy, old, 4)]
     kv.apply_pending_copies()
-    assert kv.k[0, old, 0, :4, 0].tolist() == [7.0, 7.0, 7.0, 0.0]
+    assert kv.k[0, old, 0, :5, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 0.0]
+    assert kv.v[0, old, 0, :5, 0].tolist() == [-1.0, -2.0, -3.0, -4.0, 0.0]
+    assert kv.pending_copies == []
+
+
+def test_a_prefix_longer_than_the_prompt_can_use_is_not_copied_over_an_equal_free_one():
+    kv = _cache()
+    busy, free = kv.take_slot([0])[0], kv.take_slot([0])[0]
+    kv.free_slot(free, [1, 2, 3])
+    # Only 3 of the 4 prompt tokens can come from a cache: the free slot has them all.
+    assert kv.take_slot([1, 2, 3, 4], in_use=[(busy, [1, 2, 3, 4, 5])]) == (free, 3)
     assert kv.pending_copies == []
 
 

@@ -110,8 +110,13 @@ def test_float32_cpu_linears_are_prepacked_for_onednn(tiny_llama_dir):
 
 
 def test_fp16_quantization_replaces_every_linear_and_keeps_logits_close(model_dir):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
     loaded = load_model(model_dir, "cpu", "float32", 128, quantization="fp16")
-    assert not any(type(m) is torch.nn.Linear for m in loaded.model.modules())
+    linears = [m for m in loaded.model.modules() if isinstance(m, (torch.nn.Linear, OneDNNLinear))]
+    quantized = [m for m in loaded.model.modules() if isinstance(m, DynamicQuantizedLinear)]
+    assert linears == [] and len(quantized) == 4 * loaded.args.num_layers + 1  # qkv, o, gate_up, down; lm_head
+    assert {m._packed_params.dtype for m in quantized} == {torch.float16}
     kv = KVCache.allocate(loaded.args, 4, loaded.max_model_len, loaded.dtype, loaded.device)
     runner = ModelRunner(loaded.model, kv, loaded.device, seed=0)
     prompt = list(range(3, 20))

@@ -8,7 +8,8 @@ the most recent conversations stay cached longest.
 
 A prefix held by a slot still in use (a system prompt shared by concurrent requests) is
 copied into the new slot instead: a copy of n positions costs a memcpy where recomputing
-them costs n tokens of forward. Copies are queued here and applied by the model runner
+them costs n tokens of forward. Only computed positions can be shared, so requests with the
+same system prompt that arrive in the same step still each prefill it. Copies are queued here and applied by the model runner
 on its own thread, before the next forward, so no forward ever sees a half-copied slot.
 Slots keep their rows contiguous, rather than sharing blocks by reference through a block
 table, so that all decodes of a step attend over one strided view of the cache with no gather.
@@ -83,17 +84,17 @@ class KVCache:
         if not self._free:
             return None
         slot, cached, source = next(iter(self._free)), 0, None
+        # The last prompt token is always computed: its logits give the first new token.
+        usable = len(prompt) - 1
         if self.prefix_caching:
             for candidate, tokens in self._free.items():
-                n = common_prefix_len(tokens, prompt)
+                n = min(common_prefix_len(tokens, prompt), usable)
                 if n > cached:
                     slot, cached = candidate, n
             for candidate, tokens in in_use:
-                n = common_prefix_len(tokens, prompt)
+                n = min(common_prefix_len(tokens, prompt), usable)
                 if n > cached:
                     source, cached = candidate, n
-        # The last prompt token is always computed: its logits give the first new token.
-        cached = min(cached, len(prompt) - 1)
         if source is not None:
             # Copy into the least recently freed slot, keeping the other cached prefixes.
             slot = next(iter(self._free))

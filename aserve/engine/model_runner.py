@@ -13,17 +13,18 @@ from aserve.models.llama import LlamaModel
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device, seed: int | None = None,
-                 small_step_tokens: int = 0) -> None:
+                 small_step_tokens: int = 0, max_threads: int | None = None) -> None:
         """`small_step_tokens`: steps of at most this many tokens run on one CPU thread fewer,
         leaving a core to the event loop and the clients. Otherwise an intra-op thread that
         they preempt stalls the whole step at the next barrier: on 2 cores, one stream ran at
         32 tok/s on two threads and 42 on one (float32). Large steps amortize the stalls, so
-        they keep every thread (at 32 streams two threads stay faster)."""
+        they keep every thread (at 32 streams two threads stay faster). `max_threads`: the
+        count large steps use; default: torch's current count."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.small_step_tokens = small_step_tokens
-        self.max_threads = torch.get_num_threads()
+        self.max_threads = max_threads or torch.get_num_threads()
         self.generator = torch.Generator(device)
         if seed is None:
             self.generator.seed()

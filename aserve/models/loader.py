@@ -157,6 +157,7 @@ def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
         _init_random(model)
     else:
         model.load_state_dict(_fused_state_dict(tensors, args), strict=True)
+        del tensors  # the checkpoint's copy: free it before packing or quantizing makes more
     inv_freq, rope_scaling = _rope_inv_freq(config, head_dim)
     model.set_rope(*(t.to(torch_device) for t in rope_tables(inv_freq, rope_scaling, max_len)))
     model.eval()

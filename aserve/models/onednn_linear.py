@@ -33,8 +33,8 @@ def pack_linears(model: nn.Module) -> int:
     """Replaces every float32 CPU nn.Linear in `model` by a OneDNNLinear; returns how many."""
     if not onednn_available():
         return 0
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu"]
-    for parent, name, child in targets:
-        setattr(parent, name, OneDNNLinear(child))
+    for parent, name in targets:  # one at a time, so each original weight is freed as soon as it is packed
+        setattr(parent, name, OneDNNLinear(getattr(parent, name)))
     return len(targets)

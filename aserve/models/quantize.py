@@ -27,6 +27,8 @@ def quantize_linears(model: nn.Module, mode: str, device: torch.device) -> nn.Mo
         return model
     if device.type != "cpu":
         raise ValueError(f"quantization {mode!r} runs on CPU only (fbgemm kernels); use dtype bfloat16 on {device.type}")
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise ValueError(f"quantization {mode!r} needs torch's fbgemm kernels, which this build lacks")
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError(f"quantization {mode!r} needs dtype float32 (it replaces the float32 matmuls)")
     with warnings.catch_warnings():
