@@ -14,8 +14,6 @@ from aserve.config import Config, ConfigError, load_config
 if TYPE_CHECKING:
     from aserve.server.serving import ServingState
 
-log = logging.getLogger("aserve")
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aserve", description="OpenAI-compatible LLM inference server")

@@ -12,7 +12,7 @@ from aserve.engine.engine_loop import EngineLoop
 from aserve.engine.kv_cache import KVCache
 from aserve.engine.model_runner import ModelRunner
 from aserve.engine.scheduler import Scheduler
-from aserve.models.loader import load_model
+from aserve.models.loader import load_model, resolve_dtype
 from aserve.models.quantize import QUANTIZATION_MODES
 from aserve.models.store import default_cache_dir, resolve_model
 from aserve.server.serving import ServingState
@@ -28,6 +28,20 @@ def pick_device(name: str) -> str:
     return name
 
 
+def _check_settings(config: Config) -> None:
+    """Settings errors, raised before a model is downloaded, converted or loaded."""
+    mc, ec = config.model, config.engine
+    if mc.load_format not in ("auto", "dummy"):
+        raise ValueError(f"unknown load_format {mc.load_format!r}; choose auto or dummy")
+    if mc.quantization not in QUANTIZATION_MODES:
+        raise ValueError(f"unknown quantization {mc.quantization!r}; choose {', '.join(QUANTIZATION_MODES)}")
+    resolve_dtype(mc.dtype, torch.device(pick_device(mc.device)))
+    if ec.max_num_seqs < 1:
+        raise ValueError("max_num_seqs must be at least 1")
+    if ec.max_num_batched_tokens < ec.max_num_seqs:
+        raise ValueError("max_num_batched_tokens must be at least max_num_seqs (every decode needs one token)")
+
+
 def build_state(config: Config) -> ServingState:
     # Never contact a model hub at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,14 +49,11 @@ def build_state(config: Config) -> ServingState:
     from transformers import AutoTokenizer
 
     mc, ec = config.model, config.engine
+    _check_settings(config)
     threads = ec.num_threads if ec.num_threads > 0 else TORCH_DEFAULT_THREADS
     torch.set_num_threads(threads)
     cache_dir = Path(mc.cache_dir) if mc.cache_dir else default_cache_dir()
     path = resolve_model(mc.path, cache_dir)
-    if mc.load_format not in ("auto", "dummy"):
-        raise ValueError(f"unknown load_format {mc.load_format!r}; choose auto or dummy")
-    if mc.quantization not in QUANTIZATION_MODES:  # before minutes of loading, not after
-        raise ValueError(f"unknown quantization {mc.quantization!r}; choose {', '.join(QUANTIZATION_MODES)}")
     loaded = load_model(path, pick_device(mc.device), mc.dtype, mc.max_model_len,
                         random_weights=mc.load_format == "dummy", quantization=mc.quantization)
     hf_tokenizer = AutoTokenizer.from_pretrained(path)
@@ -52,10 +63,6 @@ def build_state(config: Config) -> ServingState:
     eos = set(loaded.eos_token_ids)
     if hf_tokenizer.eos_token_id is not None:
         eos.add(hf_tokenizer.eos_token_id)
-    if ec.max_num_seqs < 1:
-        raise ValueError("max_num_seqs must be at least 1")
-    if ec.max_num_batched_tokens < ec.max_num_seqs:
-        raise ValueError("max_num_batched_tokens must be at least max_num_seqs (every decode needs one token)")
     kv = KVCache.allocate(loaded.args, ec.max_num_seqs, loaded.max_model_len, loaded.dtype, loaded.device,
                           prefix_caching=ec.enable_prefix_caching)
     log.info("model %s on %s (%s, quantization %s); KV cache %d slots x %d tokens = %.2f GiB", path, loaded.device,
@@ -63,7 +70,7 @@ def build_state(config: Config) -> ServingState:
     engine = EngineLoop(
         Scheduler(kv, ec.max_num_batched_tokens, eos, loaded.args.attention_context_per_token),
         ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed, max_threads=threads,
-                    small_step_tokens=ec.small_step_tokens if loaded.device.type == "cpu" else 0),
+                    small_step_tokens=ec.small_step_tokens),
         detok_tokenizer,
     )
     name = config.server.served_model_name or path.name

@@ -160,6 +160,18 @@ def test_an_engine_without_kv_slots_is_refused_at_start(tiny_llama_dir):
         build_state(config)
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"model": {"quantization": "int8"}}, "unknown quantization 'int8'"),
+    ({"model": {"dtype": "float8"}}, "unknown dtype 'float8'"),
+    ({"engine": {"max_num_batched_tokens": 4}}, "max_num_batched_tokens must be at least max_num_seqs"),
+])
+def test_bad_settings_are_refused_before_any_model_is_fetched(tmp_path, setting, message):
+    overrides = {"model": {"path": str(tmp_path / "no-such-model"), **setting.get("model", {})},
+                 "engine": setting.get("engine", {})}
+    with pytest.raises(ValueError, match=message):
+        build_state(load_config(None, overrides))
+
+
 async def test_open_streams_end_with_an_error_if_the_loop_itself_dies(tiny_llama_dir):
     async with running_engine(tiny_llama_dir) as engine:
         task = asyncio.create_task(collect(engine, "victim", PROMPTS[0], max_tokens=500))
@@ -210,6 +222,8 @@ def test_an_engine_built_after_small_steps_still_gets_every_thread(tiny_llama_di
     # later on that thread must still be given the configured count.
     config = load_config(None, {"model": {"path": str(tiny_llama_dir), "max_model_len": 64}})
     first = build_state(config).engine.runner
+    if first.max_threads < 2:
+        pytest.skip("needs 2 or more torch threads: with one, no step changes the count")
     seq = Sequence("a", [5, 6, 7], SamplingParams(max_tokens=2), status=SequenceStatus.RUNNING, slot=0)
     first.run([ScheduledSeq(seq, 3)])
     try:

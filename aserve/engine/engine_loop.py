@@ -81,7 +81,7 @@ class EngineLoop:
             while not done:
                 # Drain everything already queued: a client that fell behind gets one
                 # coalesced delta instead of one write per token.
-                events = [queue.get_nowait() if not queue.empty() else await queue.get()]
+                events = [await queue.get()]
                 while not queue.empty():
                     events.append(queue.get_nowait())
                 text, finish_reason = "", None

@@ -18,12 +18,12 @@ class ModelRunner:
         leaving a core to the event loop and the clients. Otherwise an intra-op thread that
         they preempt stalls the whole step at the next barrier: on 2 cores, one stream ran at
         32 tok/s on two threads and 42 on one (float32). Large steps amortize the stalls, so
-        they keep every thread (at 32 streams two threads stay faster). `max_threads`: the
-        count large steps use; default: torch's current count."""
+        they keep every thread (at 32 streams two threads stay faster). Ignored off the CPU.
+        `max_threads`: the count large steps use; default: torch's current count."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
-        self.small_step_tokens = small_step_tokens
+        self.small_step_tokens = small_step_tokens if device.type == "cpu" else 0
         self.max_threads = max_threads or torch.get_num_threads()
         self.generator = torch.Generator(device)
         if seed is None:
