@@ -594,7 +594,7 @@ async def warm_up(session: aiohttp.ClientSession, args: argparse.Namespace, mode
 # ---------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------
-def _fmt(value: float | None, digits: int = 1) -> str:
+def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -609,9 +609,9 @@ def format_table(levels: Sequence[LevelResult]) -> str:
         lines.append(
             f"{lv.concurrency:>4} {lv.requests:>5} {lv.errors:>4} {lv.wall_s:>7.2f} "
             f"{lv.output_tokens_per_s:>10.1f} {lv.requests_per_s:>7.2f} "
-            f"{_fmt(lv.ttft_ms.p50):>9} {_fmt(lv.ttft_ms.p95):>9} "
-            f"{_fmt(lv.itl_ms.p50, 2):>8} {_fmt(lv.itl_ms.p95, 2):>8} {_fmt(lv.tpot_ms.p50, 2):>9} "
-            f"{_fmt(lv.health_ms.p50, 2):>9} {_fmt(lv.health_ms.p99, 2):>9} {_fmt(lv.health_ms.max, 2):>9}"
+            f"{fmt(lv.ttft_ms.p50):>9} {fmt(lv.ttft_ms.p95):>9} "
+            f"{fmt(lv.itl_ms.p50, 2):>8} {fmt(lv.itl_ms.p95, 2):>8} {fmt(lv.tpot_ms.p50, 2):>9} "
+            f"{fmt(lv.health_ms.p50, 2):>9} {fmt(lv.health_ms.p99, 2):>9} {fmt(lv.health_ms.max, 2):>9}"
         )
     lines.append("(latencies in ms; itl = per-token gap between content chunks, tpot = per-request "
                  "(e2e - ttft)/(tokens - 1), hlth = GET /health)")

@@ -17,12 +17,10 @@ from transformers import AutoTokenizer
 
 from aserve.engine.kv_cache import KVCache
 from aserve.engine.model_runner import ModelRunner
-from aserve.engine.scheduler import ScheduledSeq
-from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from aserve.models.loader import load_model
 from aserve.models.store import default_cache_dir, resolve_model
 from load import PROMPTS
-from runner_ceiling import measure
+from runner_ceiling import decode_step, measure, prefill
 
 PLAIN_PROMPTS = (
     "The three most important inventions of the twentieth century are",
@@ -37,15 +35,9 @@ PLAIN_PROMPTS = (
 
 
 def greedy(runner: ModelRunner, prompts: list[list[int]], tokens: int) -> list[list[int]]:
-    seqs = [Sequence(f"q{i}", ids, SamplingParams(max_tokens=tokens, temperature=0),
-                     status=SequenceStatus.RUNNING, slot=i) for i, ids in enumerate(prompts)]
-    for seq in seqs:
-        seq.output_ids = [runner.run([ScheduledSeq(seq, len(seq.prompt_ids))])[0]]
-        seq.num_computed = len(seq.prompt_ids)
+    seqs = prefill(runner, prompts)
     for _ in range(tokens - 1):
-        for seq, token in zip(seqs, runner.run([ScheduledSeq(s, 1) for s in seqs])):
-            seq.num_computed += 1
-            seq.output_ids.append(token)
+        decode_step(runner, seqs)
     return [s.output_ids for s in seqs]
 
 

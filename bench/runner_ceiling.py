@@ -21,22 +21,31 @@ from aserve.models.loader import load_model
 from aserve.models.store import default_cache_dir, resolve_model
 
 
+def prefill(runner: ModelRunner, prompts: list[list[int]]) -> list[Sequence]:
+    """Greedy sequences in slots 0.., each prompt prefilled alone, holding its first token."""
+    seqs = [Sequence(f"s{i}", ids, SamplingParams(max_tokens=10**6, temperature=0),
+                     status=SequenceStatus.RUNNING, slot=i) for i, ids in enumerate(prompts)]
+    for seq in seqs:
+        seq.output_ids = [runner.run([ScheduledSeq(seq, len(seq.prompt_ids))])[0]]
+        seq.num_computed = len(seq.prompt_ids)
+    return seqs
+
+
+def decode_step(runner: ModelRunner, seqs: list[Sequence]) -> None:
+    """One batched decode step: every sequence gets its next token."""
+    for seq, token in zip(seqs, runner.run([ScheduledSeq(s, 1) for s in seqs])):
+        seq.num_computed += 1
+        seq.output_ids.append(token)
+
+
 def measure(runner: ModelRunner, batch: int, context: int, steps: int) -> float:
-    seqs = [Sequence(f"s{i}", [(7 * i + j) % 1000 + 10 for j in range(context)],
-                     SamplingParams(max_tokens=10**6, temperature=0), status=SequenceStatus.RUNNING, slot=i)
-            for i in range(batch)]
-    for seq in seqs:  # prefill, untimed
-        token = runner.run([ScheduledSeq(seq, context)])[0]
-        seq.num_computed, seq.output_ids = context, [token]
+    seqs = prefill(runner, [[(7 * i + j) % 1000 + 10 for j in range(context)] for i in range(batch)])  # untimed
     # One untimed decode step first: the first call at a new (batch, context) shape pays one-off
     # costs (allocator growth, kernel selection) that would otherwise inflate the first point.
-    for i in range(steps + 1):
-        if i == 1:
-            start = time.perf_counter()
-        tokens = runner.run([ScheduledSeq(s, 1) for s in seqs])
-        for seq, token in zip(seqs, tokens):
-            seq.num_computed += 1
-            seq.output_ids.append(token)
+    decode_step(runner, seqs)
+    start = time.perf_counter()
+    for _ in range(steps):
+        decode_step(runner, seqs)
     return time.perf_counter() - start
 
 

@@ -58,7 +58,8 @@ class Target:
     command: list[str] | None = None  # set when this script starts the server
     model: str | None = None
     levels: list[load.LevelResult] = field(default_factory=list)
-    ceiling: dict[int, float] = field(default_factory=dict)  # batch -> model runner tokens/s, from --ceiling
+    ceiling_args: str | None = None  # runner_ceiling.py ARGS from --ceiling; None: no ceiling column
+    ceiling: dict[int, float] = field(default_factory=dict)  # batch -> model runner tokens/s
     error: str | None = None  # the whole target failed (server did not start, warm-up failed, ...)
 
 
@@ -161,26 +162,26 @@ async def sweep_target(target: Target, args: argparse.Namespace) -> None:
                 target.levels.append(await load.run_level(n, largs, target.model, session, on_result))
 
 
-def measure_ceiling(target: Target, arg_string: str, batches: list[int], log_dir: Path) -> None:
+def measure_ceiling(target: Target, batches: list[int], log_dir: Path) -> None:
     """The model runner alone (bench/runner_ceiling.py ARGS) at this sweep's concurrencies,
     run before any server starts so that nothing else shares the CPU."""
     out = log_dir / f"ceiling-{target.name}.json"
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(BENCH_DIR / "runner_ceiling.py"), "--batch", *map(str, batches), "--context", "128",
-           "--json", str(out), *shlex.split(arg_string)]
+           "--json", str(out), *shlex.split(target.ceiling_args or "")]
     print(f"[{target.name}] ceiling: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True, cwd=BENCH_DIR.parent, stdout=subprocess.DEVNULL)
     target.ceiling = {p["batch"]: p["tokens_per_s"] for p in orjson.loads(out.read_bytes())}
 
 
 async def run(args: argparse.Namespace, targets: list[Target]) -> None:
-    for spec in args.ceiling:
-        name, _, arg_string = spec.partition("=")
-        target = next(t for t in targets if t.name == name)
+    for target in targets:
+        if target.ceiling_args is None:
+            continue
         try:
-            measure_ceiling(target, arg_string, args.concurrency, Path(args.server_log_dir))
+            measure_ceiling(target, args.concurrency, Path(args.server_log_dir))
         except (subprocess.CalledProcessError, OSError, ValueError) as exc:  # the servers can still be measured
-            print(f"[{name}] ceiling failed, column left empty: {exc}", file=sys.stderr, flush=True)
+            print(f"[{target.name}] ceiling failed, column left empty: {exc}", file=sys.stderr, flush=True)
     for target in targets:
         try:
             if target.command:
@@ -197,10 +198,6 @@ async def run(args: argparse.Namespace, targets: list[Target]) -> None:
 # ---------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------
-def _f(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def format_results(targets: list[Target]) -> str:
     header = (f"{'target':<10} {'conc':>4} {'reqs':>5} {'err':>4} {'out_tok/s':>10} {'req/s':>7} "
               f"{'ttft_p50':>9} {'ttft_p95':>9} {'ttft_p99':>9} {'itl_p50':>8} {'itl_p95':>8} {'itl_p99':>8} "
@@ -212,9 +209,10 @@ def format_results(targets: list[Target]) -> str:
         for lv in t.levels:
             lines.append(
                 f"{t.name:<10} {lv.concurrency:>4} {lv.requests:>5} {lv.errors:>4} {lv.output_tokens_per_s:>10.1f} "
-                f"{lv.requests_per_s:>7.2f} {_f(lv.ttft_ms.p50):>9} {_f(lv.ttft_ms.p95):>9} {_f(lv.ttft_ms.p99):>9} "
-                f"{_f(lv.itl_ms.p50, 2):>8} {_f(lv.itl_ms.p95, 2):>8} {_f(lv.itl_ms.p99, 2):>8} "
-                f"{_f(lv.health_ms.p99, 2):>9} {_ceiling_share(t, lv):>8}")
+                f"{lv.requests_per_s:>7.2f} {load.fmt(lv.ttft_ms.p50):>9} {load.fmt(lv.ttft_ms.p95):>9} "
+                f"{load.fmt(lv.ttft_ms.p99):>9} "
+                f"{load.fmt(lv.itl_ms.p50, 2):>8} {load.fmt(lv.itl_ms.p95, 2):>8} {load.fmt(lv.itl_ms.p99, 2):>8} "
+                f"{load.fmt(lv.health_ms.p99, 2):>9} {_ceiling_share(t, lv):>8}")
     lines.append("(latencies in ms; ttft = sent -> first content chunk; itl = per-token gap between content "
                  "chunks; hlth = GET /health during the level; ceiling = out_tok/s / the model runner's "
                  "decode tokens/s at batch = conc, context 128)")
@@ -376,9 +374,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         p.error("give at least one --target NAME=URL or --start-aserve/--start-baseline")
     if len(set(names)) != len(names):
         p.error(f"target names must be unique: {names}")
+    by_name = {t.name: t for t in targets}
     for spec in args.ceiling:
-        if spec.partition("=")[0] not in names:
+        name, _, ceiling_args = spec.partition("=")
+        if name not in by_name:
             p.error(f"--ceiling {spec!r}: NAME must be one of {names}")
+        by_name[name].ceiling_args = ceiling_args
     if args.baseline is None:
         args.baseline = "baseline" if "baseline" in names else names[0]
     elif args.baseline not in names:
