@@ -44,9 +44,11 @@ async def wait_until(predicate, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
-async def test_greedy_output_is_the_same_alone_and_in_a_batch(tiny_llama_dir):
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_qwen3_dir"])
+async def test_greedy_output_is_the_same_alone_and_in_a_batch(fixture, request):
     # Prefix caching off, so the batch prefills its prompts together instead of reusing them.
-    async with running_engine(tiny_llama_dir, max_num_seqs=4, enable_prefix_caching=False) as engine:
+    model_dir = request.getfixturevalue(fixture)
+    async with running_engine(model_dir, max_num_seqs=4, enable_prefix_caching=False) as engine:
         alone = [await collect(engine, f"alone{i}", p) for i, p in enumerate(PROMPTS)]
         together = await asyncio.gather(*(collect(engine, f"batch{i}", p) for i, p in enumerate(PROMPTS)))
     assert together == alone
@@ -144,14 +146,6 @@ async def test_stop_string_ends_the_request_in_the_engine(tiny_llama_dir):
         await wait_until(lambda: engine.stats()["running"] == 0)
     assert reason == "stop"
     assert cut == full[: full.index(stop)]
-
-
-@pytest.mark.parametrize("fixture", ["tiny_qwen2_dir", "tiny_qwen3_dir"])
-async def test_qwen_models_batch_like_they_run_alone(fixture, request):
-    async with running_engine(request.getfixturevalue(fixture), enable_prefix_caching=False) as engine:
-        alone = [await collect(engine, f"alone{i}", p) for i, p in enumerate(PROMPTS)]
-        together = await asyncio.gather(*(collect(engine, f"batch{i}", p) for i, p in enumerate(PROMPTS)))
-    assert together == alone
 
 
 def test_an_engine_without_kv_slots_is_refused_at_start(tiny_llama_dir):

@@ -1,5 +1,7 @@
 """Our Llama-family forward over the slot KV cache computes what transformers computes."""
 
+import functools
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -26,10 +28,14 @@ def _logits(runner: ModelRunner, scheduled: list[ScheduledSeq]) -> torch.Tensor:
     return out
 
 
+@functools.cache
+def _hf_model(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
 def _reference(path, ids: list[int]) -> torch.Tensor:
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.inference_mode():
-        return hf(torch.tensor([ids])).logits[0]
+        return _hf_model(path)(torch.tensor([ids])).logits[0]
 
 
 @pytest.fixture(params=ARCH_FIXTURES)
@@ -37,8 +43,8 @@ def model_dir(request):
     return request.getfixturevalue(request.param)
 
 
-def _runner(path) -> ModelRunner:
-    loaded = load_model(path, "cpu", "float32", 128)
+def _runner(path, **load_options) -> ModelRunner:
+    loaded = load_model(path, "cpu", "float32", 128, **load_options)
     kv = KVCache.allocate(loaded.args, 4, loaded.max_model_len, loaded.dtype, loaded.device)
     return ModelRunner(loaded.model, kv, loaded.device, seed=0)
 
@@ -112,13 +118,11 @@ def test_float32_cpu_linears_are_prepacked_for_onednn(tiny_llama_dir):
 def test_fp16_quantization_replaces_every_linear_and_keeps_logits_close(model_dir):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
-    loaded = load_model(model_dir, "cpu", "float32", 128, quantization="fp16")
-    linears = [m for m in loaded.model.modules() if isinstance(m, (torch.nn.Linear, OneDNNLinear))]
-    quantized = [m for m in loaded.model.modules() if isinstance(m, DynamicQuantizedLinear)]
-    assert linears == [] and len(quantized) == 4 * loaded.args.num_layers + 1  # qkv, o, gate_up, down; lm_head
+    runner = _runner(model_dir, quantization="fp16")
+    linears = [m for m in runner.model.modules() if isinstance(m, (torch.nn.Linear, OneDNNLinear))]
+    quantized = [m for m in runner.model.modules() if isinstance(m, DynamicQuantizedLinear)]
+    assert linears == [] and len(quantized) == 4 * runner.model.args.num_layers + 1  # qkv, o, gate_up, down; lm_head
     assert {m._packed_params.dtype for m in quantized} == {torch.float16}
-    kv = KVCache.allocate(loaded.args, 4, loaded.max_model_len, loaded.dtype, loaded.device)
-    runner = ModelRunner(loaded.model, kv, loaded.device, seed=0)
     prompt = list(range(3, 20))
     logits = _logits(runner, [ScheduledSeq(_seq("a", prompt, slot=0), len(prompt))])
     reference = _reference(model_dir, prompt)[-1]
