@@ -4,36 +4,29 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-import orjson
 from aiohttp import web
 
 from aserve.server import protocol
 from aserve.server.chat import chat_completions
-from aserve.server.errors import APIError, error_middleware
+from aserve.server.errors import error_middleware, json_response
 from aserve.server.serving import ServingState
-
-
-def _json(obj: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
 
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
-    return _json(protocol.model_list(state.model_name, state.max_model_len, state.created))
+    return json_response(protocol.model_list(state.model_name, state.max_model_len, state.created))
 
 
 async def get_model(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
-    if request.match_info["model"] != state.model_name:
-        raise APIError(f"the model {request.match_info['model']!r} does not exist", status=404,
-                       param="model", code="model_not_found")
-    return _json(protocol.model_card(state.model_name, state.max_model_len, state.created))
+    state.check_model(request.match_info["model"])
+    return json_response(protocol.model_card(state.model_name, state.max_model_len, state.created))
 
 
 async def health(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
     ok = state.engine_alive()
-    return _json({"status": "ok" if ok else "unavailable", **state.engine.stats()}, status=200 if ok else 503)
+    return json_response({"status": "ok" if ok else "unavailable", **state.engine.stats()}, status=200 if ok else 503)
 
 
 async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:

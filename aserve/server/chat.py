@@ -15,7 +15,7 @@ from aiohttp import web
 from aserve.engine.engine_loop import EngineError, GenerationRequest, RequestOutput
 from aserve.engine.sequence import SamplingParams
 from aserve.server import protocol
-from aserve.server.errors import APIError
+from aserve.server.errors import APIError, json_response
 from aserve.server.serving import ServingState
 from aserve.server.sse import SSEWriter
 
@@ -28,13 +28,6 @@ async def read_json(request: web.Request) -> object:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise APIError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-
-
-def check_model(state: ServingState, model: str | None) -> None:
-    # An omitted model means the one we serve, as vLLM does.
-    if model is not None and model != state.model_name:
-        raise APIError(f"the model {model!r} does not exist; this server serves {state.model_name!r}",
-                       status=404, param="model", code="model_not_found")
 
 
 def sampling_params(req: protocol.ChatCompletionRequest, prompt_len: int, max_model_len: int) -> SamplingParams:
@@ -62,7 +55,7 @@ def sampling_params(req: protocol.ChatCompletionRequest, prompt_len: int, max_mo
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state: ServingState = request.app[ServingState.KEY]
     req = protocol.parse_chat_request(await read_json(request))
-    check_model(state, req.model)
+    state.check_model(req.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
                 for i, m in enumerate(req.messages)]
     prompt_ids = await state.encode_chat(messages)
@@ -85,11 +78,11 @@ async def _complete(state: ServingState, rid: str, created: int, outputs) -> web
             async for last in outputs:
                 parts.append(last.text)
     except EngineError as exc:
-        raise APIError(str(exc), status=500, type="server_error", code="engine_error") from None
+        raise APIError(str(exc), status=500, code="engine_error") from None
     assert last is not None and last.finish_reason is not None
     body = protocol.chat_completion(rid, state.model_name, created, "".join(parts), last.finish_reason,
                                     protocol.usage(last.prompt_tokens, last.completion_tokens))
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    return json_response(body)
 
 
 async def _stream(request: web.Request, state: ServingState, rid: str, created: int, outputs,
@@ -112,11 +105,11 @@ async def _stream(request: web.Request, state: ServingState, rid: str, created: 
                         use = protocol.usage(out.prompt_tokens, out.completion_tokens)
                         await sse.send(protocol.usage_chunk(rid, state.model_name, created, use))
         except EngineError as exc:
-            await sse.send(APIError(str(exc), status=500, type="server_error", code="engine_error").body())
+            await sse.send(APIError(str(exc), status=500, code="engine_error").body())
         except Exception:
             # The 200 headers are out: a 500 response is no longer possible, so the stream
             # itself must end, with an error event and [DONE], or the client waits forever.
             log.exception("request %s failed mid-stream", rid)
-            await sse.send(APIError("internal server error", status=500, type="server_error").body())
+            await sse.send(APIError("internal server error", status=500).body())
         await sse.done()
     return sse.response

@@ -12,6 +12,10 @@ _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "inva
           413: "invalid_request_error"}
 
 
+def json_response(obj: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
 class APIError(Exception):
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
                  type: str | None = None) -> None:
@@ -27,7 +31,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
-        return web.Response(body=orjson.dumps(self.body()), status=self.status, content_type="application/json")
+        return json_response(self.body(), self.status)
 
 
 @web.middleware

@@ -46,7 +46,13 @@ class ServingState:
 
     def check_engine(self) -> None:
         if not self.engine_alive():
-            raise APIError("the engine is not running", status=503, type="server_error", code="engine_unavailable")
+            raise APIError("the engine is not running", status=503, code="engine_unavailable")
+
+    def check_model(self, model: str | None) -> None:
+        # An omitted model means the one we serve, as vLLM does.
+        if model is not None and model != self.model_name:
+            raise APIError(f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           status=404, param="model", code="model_not_found")
 
 
 ServingState.KEY = web.AppKey("serving_state", ServingState)
