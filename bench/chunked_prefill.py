@@ -26,8 +26,9 @@ async def stream(session: aiohttp.ClientSession, url: str, messages: list[dict],
     async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
         async for line in resp.content:
-            if line.startswith(b"data: {") and orjson.loads(line[6:])["choices"]:
-                if orjson.loads(line[6:])["choices"][0]["delta"].get("content"):
+            if line.startswith(b"data: {"):
+                choices = orjson.loads(line[6:])["choices"]
+                if choices and choices[0]["delta"].get("content"):
                     stamps.append(time.perf_counter())
 
 

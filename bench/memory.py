@@ -31,6 +31,8 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
+    if args.requests < 100:
+        parser.error("--requests must be at least 100: RSS is compared with the reading after 100")
     checkpoints = {100, args.requests}
     done, errors, sent = 0, 0, 0
     readings: dict[int, float] = {0: rss_mib(args.pid)}
