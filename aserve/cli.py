@@ -1,6 +1,7 @@
 """`aserve serve`: load the model, start the HTTP server, stop cleanly on SIGINT/SIGTERM."""
 
 import argparse
+import gc
 import asyncio
 import logging
 import signal
@@ -27,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                    ("--shutdown-timeout", float)],
         "model": [("--model", str), ("--cache-dir", str), ("--device", str), ("--dtype", str),
                   ("--max-model-len", int), ("--load-format", str), ("--quantization", str)],
-        "engine": [("--max-num-seqs", int), ("--max-num-batched-tokens", int), ("--num-threads", int),
+        "engine": [("--max-num-seqs", int), ("--max-num-batched-tokens", int),
+                   ("--prefill-budget-while-decoding", int), ("--num-threads", int),
                    ("--small-step-tokens", int),
                    ("--seed", int), ("--enable-prefix-caching", _bool)],
     }
@@ -105,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         from aserve.launch import build_state
 
         state = build_state(config)  # before listening: /health answers 200 only with a model loaded
+        # torch, transformers and the tokenizer leave ~10^6 long-lived objects behind; left in
+        # the collector's view, each full collection walked them all with the GIL held and stalled
+        # every stream for up to 160 ms. Frozen, they are never scanned again.
+        gc.collect()
+        gc.freeze()
         runner = _event_loop_runner()
         runner(_serve(config, state))
     except (_Interrupted, KeyboardInterrupt):  # a signal while the model was still loading

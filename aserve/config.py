@@ -30,6 +30,10 @@ class ModelConfig:
 class EngineConfig:
     max_num_seqs: int = 32  # KV-cache slots: requests decoding at once; more wait in the queue
     max_num_batched_tokens: int = 512  # tokens per step; bounds how long a prefill chunk can stall decodes
+    # Work per step for a long prompt (> max_num_batched_tokens uncached tokens) while other
+    # streams decode: smaller keeps their token gaps even, larger gets the long prompt its first
+    # token sooner (README "Chunked prefill"); 0: no cap beyond max_num_batched_tokens.
+    prefill_budget_while_decoding: int = 32
     enable_prefix_caching: bool = True  # a prompt that starts like a finished request's reuses its cached KV
     num_threads: int = 0  # torch CPU threads; 0: one per core
     small_step_tokens: int = 8  # CPU steps of at most this many tokens use one thread fewer; 0: never

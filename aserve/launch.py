@@ -40,6 +40,8 @@ def _check_settings(config: Config) -> None:
         raise ValueError("max_num_seqs must be at least 1")
     if ec.max_num_batched_tokens < ec.max_num_seqs:
         raise ValueError("max_num_batched_tokens must be at least max_num_seqs (every decode needs one token)")
+    if ec.prefill_budget_while_decoding < 0:
+        raise ValueError("prefill_budget_while_decoding must be 0 (no cap) or positive")
 
 
 def build_state(config: Config) -> ServingState:
@@ -68,7 +70,8 @@ def build_state(config: Config) -> ServingState:
     log.info("model %s on %s (%s, quantization %s); KV cache %d slots x %d tokens = %.2f GiB", path, loaded.device,
              loaded.dtype, mc.quantization, kv.num_slots, kv.max_len, kv.nbytes / 2**30)
     engine = EngineLoop(
-        Scheduler(kv, ec.max_num_batched_tokens, eos, loaded.args.attention_context_per_token),
+        Scheduler(kv, ec.max_num_batched_tokens, eos, loaded.args.attention_context_per_token,
+                  ec.prefill_budget_while_decoding),
         ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed, max_threads=threads,
                     small_step_tokens=ec.small_step_tokens),
         detok_tokenizer,

@@ -9,10 +9,10 @@ from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 EOS = 2
 
 
-def _scheduler(slots: int = 2, budget: int = 16, max_len: int = 64) -> Scheduler:
+def _scheduler(slots: int = 2, budget: int = 16, max_len: int = 64, prefill_budget_while_decoding: int = 0) -> Scheduler:
     shape = (1, slots, 1, max_len, 4)
     kv = KVCache(torch.zeros(shape), torch.zeros(shape), prefix_caching=False)  # caching: test_kv_cache.py
-    return Scheduler(kv, budget, [EOS])
+    return Scheduler(kv, budget, [EOS], prefill_budget_while_decoding=prefill_budget_while_decoding)
 
 
 def _seq(rid: str, prompt_len: int = 4, max_tokens: int = 10) -> Sequence:
@@ -149,3 +149,24 @@ def test_attention_cost_per_token_follows_the_model_shape():
                        intermediate_size=1536, rms_norm_eps=1e-5, max_position_embeddings=8192, qkv_bias=False,
                        qk_norm=False, tie_word_embeddings=True)
     assert smollm.attention_context_per_token == 3072
+
+
+def test_a_long_prompt_gets_only_the_capped_share_while_others_decode():
+    s = _scheduler(slots=2, budget=16, prefill_budget_while_decoding=4)
+    short = Sequence("short", [10, 11], SamplingParams(max_tokens=3, temperature=0))
+    s.add(short)
+    _step(s)
+    s.add(_seq("long", prompt_len=60))  # more than one step's budget: a long prompt
+    chunks = [[(i.seq.request_id, i.num_tokens) for i in _step(s)[0]] for _ in range(3)]
+    assert chunks == [[("short", 1), ("long", 4)], [("short", 1), ("long", 4)],
+                      [("long", 16)]]  # "short" has finished: nobody decodes, the whole budget again
+
+
+def test_a_short_prompt_is_not_capped_while_others_decode():
+    s = _scheduler(slots=2, budget=16, prefill_budget_while_decoding=4)
+    a, b = _seq("a", prompt_len=4), _seq("b", prompt_len=12)
+    s.add(a)
+    _step(s)
+    s.add(b)
+    scheduled, _ = _step(s)
+    assert [(i.seq.request_id, i.num_tokens) for i in scheduled] == [("a", 1), ("b", 12)]

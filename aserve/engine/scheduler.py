@@ -4,7 +4,10 @@ Decodes (one token per running sequence) always go first; the rest of the per-st
 goes to prompt prefill, in chunks, so a long prompt can never stall the running streams for
 more than one bounded step. The budget counts work, not just tokens: a prompt token late in
 a long prompt attends over everything before it, so it costs more, and chunks shrink as the
-prompt's context grows. A waiting request is admitted only when a KV slot
+prompt's context grows. A long prompt (more uncached tokens than one step's budget) can be
+held to a smaller share while other streams decode (`prefill_budget_while_decoding`): the
+running streams then see many short stalls instead of a few long ones, and the long prompt
+waits longer for its first token. A waiting request is admitted only when a KV slot
 is free: when the cache is full it waits; nobody is rejected or evicted.
 """
 
@@ -30,11 +33,14 @@ class ScheduledSeq:
 
 class Scheduler:
     def __init__(self, kv_cache: KVCache, max_num_batched_tokens: int, eos_token_ids: Iterable[int],
-                 attention_context_per_token: float = math.inf) -> None:
+                 attention_context_per_token: float = math.inf, prefill_budget_while_decoding: int = 0) -> None:
         """`attention_context_per_token`: cached positions whose attention costs as much as one
-        token's matmuls (ModelArgs.attention_context_per_token); inf counts tokens only."""
+        token's matmuls (ModelArgs.attention_context_per_token); inf counts tokens only.
+        `prefill_budget_while_decoding`: prefill work per step (same units) for a long prompt
+        while any sequence decodes; 0: no cap beyond the step budget."""
         self.kv_cache = kv_cache
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_budget_while_decoding = prefill_budget_while_decoding
         self._attention_weight = 1.0 / attention_context_per_token
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
@@ -60,13 +66,14 @@ class Scheduler:
         decodes = [ScheduledSeq(s, 1) for s in self.running if not s.in_prefill]
         budget = float(self.max_num_batched_tokens - len(decodes))
         prefills: list[ScheduledSeq] = []
+        decoding = bool(decodes)
         for seq in self.running:
-            if seq.in_prefill and (chunk := self._prefill_chunk(seq, budget, first=not prefills)):
+            if seq.in_prefill and (chunk := self._prefill_chunk(seq, budget, not prefills, decoding)):
                 prefills.append(chunk)
                 budget -= self.prefill_cost(seq.num_computed, chunk.num_tokens)
         while self.waiting and budget > 0 and self.kv_cache.num_free:
             seq = self._admit(self.waiting.popleft())
-            if not (chunk := self._prefill_chunk(seq, budget, first=not prefills)):
+            if not (chunk := self._prefill_chunk(seq, budget, not prefills, decoding)):
                 break  # admitted: it prefills from the next step on
             prefills.append(chunk)
             budget -= self.prefill_cost(seq.num_computed, chunk.num_tokens)
@@ -75,6 +82,7 @@ class Scheduler:
     def _admit(self, seq: Sequence) -> Sequence:
         in_use = ((s.slot, s.tokens(0, s.num_computed)) for s in self.running if s.num_computed)
         seq.slot, seq.num_computed = self.kv_cache.take_slot(seq.prompt_ids, in_use)
+        seq.num_cached_prompt = seq.num_computed
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return seq
@@ -84,7 +92,10 @@ class Scheduler:
         (start + num_tokens) positions before it, at most."""
         return num_tokens * (1.0 + (start + num_tokens) * self._attention_weight)
 
-    def _prefill_chunk(self, seq: Sequence, budget: float, first: bool) -> ScheduledSeq | None:
+    def _prefill_chunk(self, seq: Sequence, budget: float, first: bool, decoding: bool) -> ScheduledSeq | None:
+        cap = self.prefill_budget_while_decoding
+        if cap and decoding and len(seq.prompt_ids) - seq.num_cached_prompt > self.max_num_batched_tokens:
+            budget = min(budget, float(cap))
         # The largest n with prefill_cost(start, n) <= budget: a n^2 + b n - budget <= 0.
         a, b = self._attention_weight, 1.0 + seq.num_computed * self._attention_weight
         n = budget / b if a == 0 else (math.sqrt(max(b * b + 4 * a * budget, 0.0)) - b) / (2 * a)

@@ -49,6 +49,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int | None = None  # KV-cache row, held from admission until the sequence leaves
     num_computed: int = 0  # tokens whose keys/values are in the cache
+    num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at admission
     # A per-request generator makes a seeded request reproducible whatever else is in the batch.
     generator: torch.Generator | None = None
 
