@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         from aserve.launch import build_state
 
         state = build_state(config)  # before listening: /health answers 200 only with a model loaded
-        # torch, transformers and the tokenizer leave ~10^6 long-lived objects behind; left in
-        # the collector's view, each full collection walked them all with the GIL held and stalled
-        # every stream for up to 160 ms. Frozen, they are never scanned again.
+        # Loading leaves many long-lived objects (torch, transformers, the tokenizer): a full
+        # collection over them took up to 180 ms at start, with the GIL held, which would stall
+        # every stream if one came while serving. Frozen, they are never scanned again.
         gc.collect()
         gc.freeze()
         runner = _event_loop_runner()
