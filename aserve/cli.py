@@ -30,7 +30,6 @@ def _parser() -> argparse.ArgumentParser:
                   ("--max-model-len", int), ("--load-format", str), ("--quantization", str)],
         "engine": [("--max-num-seqs", int), ("--max-num-batched-tokens", int),
                    ("--prefill-budget-while-decoding", int), ("--num-threads", int),
-                   ("--small-step-tokens", int),
                    ("--seed", int), ("--enable-prefix-caching", _bool)],
     }
     for section, items in opts.items():

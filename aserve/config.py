@@ -36,7 +36,6 @@ class EngineConfig:
     prefill_budget_while_decoding: int = 32
     enable_prefix_caching: bool = True  # a prompt that starts like a finished request's reuses its cached KV
     num_threads: int = 0  # torch CPU threads; 0: one per core
-    small_step_tokens: int = 8  # CPU steps of at most this many tokens use one thread fewer; 0: never
     seed: int | None = None  # seed for requests that set none; None: random
 
 

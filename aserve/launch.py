@@ -2,6 +2,9 @@
 
 import logging
 import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import tokenizers
@@ -12,7 +15,7 @@ from aserve.engine.engine_loop import EngineLoop
 from aserve.engine.kv_cache import KVCache
 from aserve.engine.model_runner import ModelRunner
 from aserve.engine.scheduler import Scheduler
-from aserve.models.loader import load_model, resolve_dtype
+from aserve.models.loader import LoadedModel, load_model, resolve_dtype
 from aserve.models.quantize import QUANTIZATION_MODES
 from aserve.models.store import default_cache_dir, resolve_model
 from aserve.server.serving import ServingState
@@ -44,6 +47,28 @@ def _check_settings(config: Config) -> None:
         raise ValueError("prefill_budget_while_decoding must be 0 (no cap) or positive")
 
 
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's CPU thread count for the calling thread (an OpenMP setting per thread), for a while."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _load(config: Config, path: Path, threads: int) -> tuple[LoadedModel, KVCache]:
+    """Runs on the model thread."""
+    mc, ec = config.model, config.engine
+    torch.set_num_threads(threads)
+    loaded = load_model(path, pick_device(mc.device), mc.dtype, mc.max_model_len,
+                        random_weights=mc.load_format == "dummy", quantization=mc.quantization)
+    kv = KVCache.allocate(loaded.args, ec.max_num_seqs, loaded.max_model_len, loaded.dtype, loaded.device,
+                          prefix_caching=ec.enable_prefix_caching)
+    return loaded, kv
+
+
 def build_state(config: Config) -> ServingState:
     # Never contact a model hub at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,11 +78,19 @@ def build_state(config: Config) -> ServingState:
     mc, ec = config.model, config.engine
     _check_settings(config)
     threads = ec.num_threads if ec.num_threads > 0 else TORCH_DEFAULT_THREADS
-    torch.set_num_threads(threads)
     cache_dir = Path(mc.cache_dir) if mc.cache_dir else default_cache_dir()
-    path = resolve_model(mc.path, cache_dir)
-    loaded = load_model(path, pick_device(mc.device), mc.dtype, mc.max_model_len,
-                        random_weights=mc.load_format == "dummy", quantization=mc.quantization)
+    # Every torch op with more than one CPU thread runs on the model thread, loading included.
+    # Each other thread that ran one would keep an OpenMP team of its own; with more OpenMP
+    # threads than cores, libgomp stops spin-waiting between parallel regions, and a decode step
+    # at batch 32 took 78 ms instead of 56 (bench/runner_ceiling.py's step, run on two threads).
+    with _torch_threads(1):
+        path = resolve_model(mc.path, cache_dir)  # may convert a GGUF file through torch, on this thread
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-model")
+    try:
+        loaded, kv = model_thread.submit(_load, config, path, threads).result()
+    except BaseException:
+        model_thread.shutdown(wait=False, cancel_futures=True)
+        raise
     hf_tokenizer = AutoTokenizer.from_pretrained(path)
     # The detokenizer runs on the event loop while the tokenize thread encodes: give it its own
     # copy of the Rust tokenizer rather than share one object across threads.
@@ -65,16 +98,14 @@ def build_state(config: Config) -> ServingState:
     eos = set(loaded.eos_token_ids)
     if hf_tokenizer.eos_token_id is not None:
         eos.add(hf_tokenizer.eos_token_id)
-    kv = KVCache.allocate(loaded.args, ec.max_num_seqs, loaded.max_model_len, loaded.dtype, loaded.device,
-                          prefix_caching=ec.enable_prefix_caching)
     log.info("model %s on %s (%s, quantization %s); KV cache %d slots x %d tokens = %.2f GiB", path, loaded.device,
              loaded.dtype, mc.quantization, kv.num_slots, kv.max_len, kv.nbytes / 2**30)
     engine = EngineLoop(
         Scheduler(kv, ec.max_num_batched_tokens, eos, loaded.args.attention_context_per_token,
                   ec.prefill_budget_while_decoding),
-        ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed, max_threads=threads,
-                    small_step_tokens=ec.small_step_tokens),
+        ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed),
         detok_tokenizer,
+        model_thread,
     )
     name = config.server.served_model_name or path.name
     return ServingState(engine, hf_tokenizer, name, loaded.max_model_len)

@@ -8,8 +8,7 @@ import torch
 
 from aserve.config import load_config
 from aserve.engine.engine_loop import EngineError, EngineLoop, GenerationRequest
-from aserve.engine.scheduler import ScheduledSeq
-from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
+from aserve.engine.sequence import SamplingParams
 from aserve.launch import build_state
 
 PROMPTS = [[5, 6, 7], list(range(20, 61)), [9] * 12, list(range(100, 117))]
@@ -211,16 +210,10 @@ async def test_a_prefix_held_by_a_running_request_is_copied_without_changing_the
     assert copied == expected
 
 
-def test_an_engine_built_after_small_steps_still_gets_every_thread(tiny_llama_dir):
-    # A small step lowers torch's thread count on the thread that runs it; an engine built
-    # later on that thread must still be given the configured count.
-    config = load_config(None, {"model": {"path": str(tiny_llama_dir), "max_model_len": 64}})
-    first = build_state(config).engine.runner
-    if first.max_threads < 2:
-        pytest.skip("needs 2 or more torch threads: with one, no step changes the count")
-    seq = Sequence("a", [5, 6, 7], SamplingParams(max_tokens=2), status=SequenceStatus.RUNNING, slot=0)
-    first.run([ScheduledSeq(seq, 3)])
-    try:
-        assert build_state(config).engine.runner.max_threads == first.max_threads
-    finally:
-        torch.set_num_threads(first.max_threads)
+def test_the_model_thread_gets_the_configured_torch_threads_and_the_caller_keeps_its_own(tiny_llama_dir):
+    before = torch.get_num_threads()
+    config = load_config(None, {"model": {"path": str(tiny_llama_dir), "max_model_len": 64},
+                                "engine": {"num_threads": before + 1}})
+    engine = build_state(config).engine
+    assert engine.model_thread.submit(torch.get_num_threads).result() == before + 1
+    assert torch.get_num_threads() == before

@@ -138,18 +138,3 @@ def test_fp16_quantization_replaces_every_linear_and_keeps_logits_close(model_di
 def test_unusable_quantization_is_refused_with_the_reason(tiny_llama_dir, mode, dtype, message):
     with pytest.raises(ValueError, match=message):
         load_model(tiny_llama_dir, "cpu", dtype, 128, quantization=mode)
-
-
-def test_small_steps_leave_one_thread_free_and_larger_ones_use_all(tiny_llama_dir):
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        loaded = load_model(tiny_llama_dir, "cpu", "float32", 64)
-        kv = KVCache.allocate(loaded.args, 2, 64, loaded.dtype, loaded.device)
-        runner = ModelRunner(loaded.model, kv, loaded.device, seed=0, small_step_tokens=4)
-        runner.run([ScheduledSeq(_seq("small", [3, 4, 5], slot=0), 3)])
-        assert torch.get_num_threads() == 1
-        runner.run([ScheduledSeq(_seq("large", list(range(3, 13)), slot=1), 10)])
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)

@@ -51,7 +51,10 @@ class _Event:
 
 
 class EngineLoop:
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer: tokenizers.Tokenizer) -> None:
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer: tokenizers.Tokenizer,
+                 model_thread: ThreadPoolExecutor | None = None) -> None:
+        """`model_thread`: the one-worker executor that runs every forward; pass the one the
+        model was loaded on (launch.py says why). Default: a new one."""
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
@@ -60,7 +63,7 @@ class EngineLoop:
         self._seqs: dict[str, Sequence] = {}
         self._aborted: set[str] = set()
         # One fixed thread runs every forward: model state (and CUDA graphs) may be thread-bound.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-model")
+        self.model_thread = model_thread or ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-model")
         self.steps = 0
         self.healthy = True
 
@@ -151,7 +154,7 @@ class EngineLoop:
                     await asyncio.sleep(0)
                     continue
                 try:
-                    tokens = await loop.run_in_executor(self._executor, self.runner.run, scheduled)
+                    tokens = await loop.run_in_executor(self.model_thread, self.runner.run, scheduled)
                 except Exception:
                     log.exception("batched step failed; retrying its %d sequences one by one", len(scheduled))
                     tokens = await self._run_isolated(scheduled)
@@ -166,7 +169,7 @@ class EngineLoop:
             self.close("the engine stopped unexpectedly")  # no stream may wait forever
             raise
         finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self.model_thread.shutdown(wait=False, cancel_futures=True)
 
     def _admit(self, request: GenerationRequest) -> None:
         rid = request.request_id
@@ -192,7 +195,7 @@ class EngineLoop:
         tokens: list[int | None] = []
         for item in scheduled:
             try:
-                tokens.extend(await loop.run_in_executor(self._executor, self.runner.run, [item]))
+                tokens.extend(await loop.run_in_executor(self.model_thread, self.runner.run, [item]))
             except Exception as exc:
                 log.exception("request %s failed in the engine", item.seq.request_id)
                 self._fail(item.seq, f"engine error: {type(exc).__name__}: {exc}")

@@ -12,19 +12,10 @@ from aserve.models.llama import LlamaModel
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device, seed: int | None = None,
-                 small_step_tokens: int = 0, max_threads: int | None = None) -> None:
-        """`small_step_tokens`: steps of at most this many tokens run on one CPU thread fewer,
-        leaving a core to the event loop and the clients. Otherwise an intra-op thread that
-        they preempt stalls the whole step at the next barrier: on 2 cores, one stream ran at
-        32 tok/s on two threads and 42 on one (float32). Large steps amortize the stalls, so
-        they keep every thread (at 32 streams two threads stay faster). Ignored off the CPU.
-        `max_threads`: the count large steps use; default: torch's current count."""
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device, seed: int | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
-        self.small_step_tokens = small_step_tokens if device.type == "cpu" else 0
-        self.max_threads = max_threads or torch.get_num_threads()
         self.generator = torch.Generator(device)
         if seed is None:
             self.generator.seed()
@@ -34,11 +25,6 @@ class ModelRunner:
     def run(self, scheduled: Seq[ScheduledSeq]) -> list[int | None]:
         """Returns, per scheduled sequence, its next token, or None for a prefill chunk
         that has not reached the end of its prompt yet."""
-        if self.small_step_tokens:
-            small = sum(s.num_tokens for s in scheduled) <= self.small_step_tokens
-            threads = max(1, self.max_threads - 1) if small else self.max_threads
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
         # Grad mode is thread-local, so it must be set here, on the thread that runs the model.
         with torch.inference_mode():
             self.kv_cache.apply_pending_copies()
