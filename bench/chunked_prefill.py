@@ -5,7 +5,7 @@ request with a ~4,000-token prompt arrives. The report compares the streams' tok
 while that prompt is prefilled with their median gap: with chunked prefill, one step holds
 at most max_num_batched_tokens tokens, so the gaps stay bounded.
 
-    aserve serve --max-model-len 4608 --max-num-batched-tokens 128 &
+    aserve serve --max-model-len 4608 [--prefill-budget-while-decoding 16] &
     python bench/chunked_prefill.py --url http://127.0.0.1:8000
 """
 
@@ -56,7 +56,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--stream-tokens", type=int, default=800)
+    parser.add_argument("--stream-tokens", type=int, default=1100)
     parser.add_argument("--repeats", type=int, default=210, help="filler sentences in the long prompt (~19 tokens each)")
     args = parser.parse_args()
     stamps: list[list[float]] = [[] for _ in range(args.streams)]
