@@ -1,14 +1,16 @@
 """Optional CPU weight quantization of the model's linear layers.
 
-fp32 decode on a small CPU is bound by the matmuls (MKL's float32 GEMM at small batch),
-not by Python. ``fp16`` stores the linear weights as float16 and runs them through
-fbgemm's fp16 GEMM (torch.ao dynamic quantization), with float32 activations and
-accumulation: 2.5-3x faster decode, and greedy output identical to float32 on the
-prompt set of bench/quantization.py. Embeddings, norms and the KV cache stay float32.
+Decode at small batch is bound by reading the weights. ``fp16`` stores the linear weights
+as float16 and runs them through fbgemm's fp16 GEMM (torch.ao dynamic quantization), with
+float32 activations and accumulation: 1.3x faster than the float32 oneDNN path at batch 1,
+no faster at batch 32, and greedy output identical to float32 on the prompt set of
+bench/quantization.py. Embeddings, norms and the KV cache stay float32.
 
 int8 is deliberately not offered: fbgemm's dynamic int8 (int8 activations too) changed
-greedy output within a few tokens on SmolLM2-135M, and torch's weight-only int8 kernel
-(``_weight_int8pack_mm``) was slower than float32 on CPU. CPU only: fbgemm has no CUDA kernels.
+greedy output within a few tokens on SmolLM2-135M, with per-tensor or per-channel weights
+and with lm_head left in float32 (README "Quantization"), and torch's weight-only int8
+kernel (``_weight_int8pack_mm``) was slower than float32 on CPU. CPU only: fbgemm has no
+CUDA kernels.
 """
 
 import warnings
