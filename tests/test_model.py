@@ -10,6 +10,7 @@ from aserve.engine.kv_cache import KVCache
 from aserve.engine.model_runner import ModelRunner
 from aserve.engine.scheduler import ScheduledSeq
 from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
+from aserve.models.batch import ForwardBatch
 from aserve.models.loader import UnsupportedModelError, load_model, read_hf_config
 from aserve.models.onednn_linear import OneDNNLinear, onednn_available
 
@@ -138,3 +139,29 @@ def test_fp16_quantization_replaces_every_linear_and_keeps_logits_close(model_di
 def test_unusable_quantization_is_refused_with_the_reason(tiny_llama_dir, mode, dtype, message):
     with pytest.raises(ValueError, match=message):
         load_model(tiny_llama_dir, "cpu", dtype, 128, quantization=mode)
+
+
+def test_bfloat16_decode_attention_keeps_its_scores_in_float32(tiny_llama_dir):
+    loaded = load_model(tiny_llama_dir, "cpu", "float32", 64)
+    attn, args = loaded.model.layers[0].self_attn, loaded.args
+    group = args.num_heads // args.num_kv_heads
+    gen = torch.Generator().manual_seed(0)
+    # Large scores, as real models have: rounded to bfloat16, they move the softmax visibly.
+    q = (torch.randn(2, args.num_heads, args.head_dim, generator=gen) * 6).bfloat16()
+    k = (torch.randn(3, args.num_kv_heads, 64, args.head_dim, generator=gen) * 6).bfloat16()
+    v = torch.randn(3, args.num_kv_heads, 64, args.head_dim, generator=gen).bfloat16()
+    lens = torch.tensor([1, 50, 30])  # slot 0 idle; the two decodes sit in slots 2 and 1
+    bias = torch.zeros(3, 50).masked_fill_(torch.arange(50) >= lens[:, None], float("-inf"))[:, None, None, :]
+    batch = ForwardBatch(input_ids=torch.zeros(2, dtype=torch.long), positions=torch.zeros(2, dtype=torch.long),
+                         token_slots=torch.tensor([2, 1]), decode_slots=torch.tensor([2, 1]), decode_rows=3,
+                         decode_bias=bias, prefills=[], logits_indices=torch.tensor([0, 1]))
+
+    def exact(i: int, slot: int) -> torch.Tensor:  # float64 attention over the same bfloat16 inputs
+        keys = k[slot, :, : lens[slot]].double().repeat_interleave(group, 0)  # [heads, n, head_dim]
+        values = v[slot, :, : lens[slot]].double().repeat_interleave(group, 0)
+        scores = (q[i].double() * attn.scale).unsqueeze(1) @ keys.transpose(-1, -2)  # [heads, 1, n]
+        return (torch.softmax(scores, dim=-1) @ values).squeeze(1)
+
+    out = attn._decode_attention(q, batch, k, v).double()
+    # bfloat16 matmuls for the scores were off by up to 0.20 here; SDPA by 0.008.
+    torch.testing.assert_close(out, torch.stack([exact(0, 2), exact(1, 1)]), atol=0.03, rtol=0)

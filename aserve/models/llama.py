@@ -122,9 +122,18 @@ class Attention(nn.Module):
         queries whose output is dropped. Grouped-query heads are folded into the query
         dimension, so each cached key and value is read once for its whole head group:
         1.5x faster than SDPA's q_len=1 path on CPU, where decode attention is bound by
-        reading the cache."""
+        reading the cache. Below float32 (bfloat16 on CUDA) SDPA does it instead: its kernels
+        keep the scores in float32, where a bfloat16 matmul would round them first (25x the
+        error against float64 in tests/test_model.py)."""
         a = self.args
         rows, ctx = batch.decode_rows, batch.decode_bias.shape[-1]
+        if q.dtype != torch.float32:
+            qd = q.new_zeros(rows, a.num_heads, 1, a.head_dim)
+            qd[batch.decode_slots] = q.unsqueeze(2)
+            out = F.scaled_dot_product_attention(qd, k_cache[:rows, :, :ctx], v_cache[:rows, :, :ctx],
+                                                 attn_mask=batch.decode_bias.to(q.dtype), scale=self.scale,
+                                                 enable_gqa=True)
+            return out[batch.decode_slots].squeeze(2)
         group = a.num_heads // a.num_kv_heads
         qd = q.new_zeros(rows, a.num_kv_heads, group, a.head_dim)
         # HF's GQA layout: query head h reads kv head h // group.
