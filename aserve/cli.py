@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         "model": [("--model", str), ("--cache-dir", str), ("--device", str), ("--dtype", str),
                   ("--max-model-len", int), ("--load-format", str), ("--quantization", str)],
         "engine": [("--max-num-seqs", int), ("--max-num-batched-tokens", int),
-                   ("--prefill-budget-while-decoding", int), ("--num-threads", int),
+                   ("--prefill-budget-while-decoding", int), ("--prefix-pool-tokens", int), ("--num-threads", int),
                    ("--seed", int), ("--enable-prefix-caching", _bool)],
     }
     for section, items in opts.items():

@@ -35,6 +35,7 @@ class EngineConfig:
     # token sooner (README "Chunked prefill"); 0: no cap beyond max_num_batched_tokens.
     prefill_budget_while_decoding: int = 32
     enable_prefix_caching: bool = True  # a prompt that starts like a finished request's reuses its cached KV
+    prefix_pool_tokens: int = 16384  # prefix cache beyond the slots, in positions (16-token blocks); 0: none
     num_threads: int = 0  # torch CPU threads; 0: one per core
     seed: int | None = None  # seed for requests that set none; None: random
 

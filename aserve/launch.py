@@ -43,6 +43,8 @@ def _check_settings(config: Config) -> None:
         raise ValueError("max_num_seqs must be at least 1")
     if ec.max_num_batched_tokens < ec.max_num_seqs:
         raise ValueError("max_num_batched_tokens must be at least max_num_seqs (every decode needs one token)")
+    if ec.prefix_pool_tokens < 0:
+        raise ValueError("prefix_pool_tokens must be 0 (no pool) or positive")
     if ec.prefill_budget_while_decoding < 0:
         raise ValueError("prefill_budget_while_decoding must be 0 (no cap) or positive")
 
@@ -65,7 +67,7 @@ def _load(config: Config, path: Path, threads: int) -> tuple[LoadedModel, KVCach
     loaded = load_model(path, pick_device(mc.device), mc.dtype, mc.max_model_len,
                         random_weights=mc.load_format == "dummy", quantization=mc.quantization)
     kv = KVCache.allocate(loaded.args, ec.max_num_seqs, loaded.max_model_len, loaded.dtype, loaded.device,
-                          prefix_caching=ec.enable_prefix_caching)
+                          prefix_caching=ec.enable_prefix_caching, pool_tokens=ec.prefix_pool_tokens)
     return loaded, kv
 
 
@@ -98,8 +100,9 @@ def build_state(config: Config) -> ServingState:
     eos = set(loaded.eos_token_ids)
     if hf_tokenizer.eos_token_id is not None:
         eos.add(hf_tokenizer.eos_token_id)
-    log.info("model %s on %s (%s, quantization %s); KV cache %d slots x %d tokens = %.2f GiB", path, loaded.device,
-             loaded.dtype, mc.quantization, kv.num_slots, kv.max_len, kv.nbytes / 2**30)
+    pool = kv.pool.num_blocks * kv.pool.block_size if kv.pool else 0
+    log.info("model %s on %s (%s, quantization %s); KV cache %d slots x %d tokens + a %d-token prefix pool = %.2f GiB",
+             path, loaded.device, loaded.dtype, mc.quantization, kv.num_slots, kv.max_len, pool, kv.nbytes / 2**30)
     engine = EngineLoop(
         Scheduler(kv, ec.max_num_batched_tokens, eos, loaded.args.attention_context_per_token,
                   ec.prefill_budget_while_decoding),

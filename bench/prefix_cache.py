@@ -3,8 +3,11 @@
 Turn 1 sends a long history and gets a reply; turn 2 resends that history plus the reply
 and one more question, as chat clients do. With prefix caching the second turn prefills
 only what is new. A cold request of the same length (different text) is the control.
+`--between N` sends N short unrelated chats between the turns: with N above the server's
+slot count, turn 1's slot is handed to another request, and turn 2 can find its history
+only in the prefix pool (`--prefix-pool-tokens`).
 
-    python bench/prefix_cache.py --url http://127.0.0.1:8000
+    python bench/prefix_cache.py --url http://127.0.0.1:8000 [--between 40]
 """
 
 import argparse
@@ -38,6 +41,7 @@ async def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--repeats", type=int, default=52, help="filler sentences (~29 tokens each)")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--between", type=int, default=0, help="short unrelated chats sent between the two turns")
     args = parser.parse_args()
     history = [{"role": "system", "content": FILLER * args.repeats},
                {"role": "user", "content": "Summarize the history above in one sentence."}]
@@ -46,6 +50,8 @@ async def main() -> None:
         cold, _ = await ttft(session, args.url, [{"role": "system", "content": control * args.repeats},
                                                  history[1]], args.max_tokens)
         first, reply = await ttft(session, args.url, history, args.max_tokens)
+        for i in range(args.between):
+            await ttft(session, args.url, [{"role": "user", "content": f"Name a number above {7 * i}."}], 4)
         second, _ = await ttft(session, args.url, history + [{"role": "assistant", "content": reply},
                                                              {"role": "user", "content": "And who kept it?"}],
                                args.max_tokens)

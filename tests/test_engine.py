@@ -210,6 +210,18 @@ async def test_a_prefix_held_by_a_running_request_is_copied_without_changing_the
     assert copied == expected
 
 
+async def test_a_prefix_kept_in_the_pool_after_its_slot_was_reused_gives_the_same_output(tiny_llama_dir):
+    history, resent = PROMPTS[1], PROMPTS[1] + [30, 31]  # 41 tokens: two full blocks of 16
+    async with running_engine(tiny_llama_dir, max_num_seqs=1, enable_prefix_caching=False) as engine:
+        expected = await collect(engine, "cold", resent)
+    async with running_engine(tiny_llama_dir, max_num_seqs=1) as engine:
+        await collect(engine, "t1", history)
+        await collect(engine, "other", PROMPTS[2])  # takes the only slot: the history is left in the pool alone
+        pooled = await collect(engine, "t2", resent)
+        assert engine.stats()["prefix_cache_tokens_reused"] == 32
+    assert pooled == expected
+
+
 def test_the_model_thread_gets_the_configured_torch_threads_and_the_caller_keeps_its_own(tiny_llama_dir):
     before = torch.get_num_threads()
     config = load_config(None, {"model": {"path": str(tiny_llama_dir), "max_model_len": 64},

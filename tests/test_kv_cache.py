@@ -65,7 +65,7 @@ def test_a_prefix_held_by_a_slot_in_use_is_copied_into_the_least_recently_freed_
     kv.k[:, busy, :, :5] = torch.arange(1.0, 6.0).view(5, 1)
     kv.v[:, busy, :, :5] = -torch.arange(1.0, 6.0).view(5, 1)
     assert kv.take_slot([1, 2, 3, 4, 6], in_use=[(busy, [1, 2, 3, 4, 5])]) == (old, 4)
-    assert kv.pending_copies == [(busy, old, 4)]
+    assert kv.pending_copies == [("slot", busy, old, 4)]
     kv.apply_pending_copies()
     assert kv.k[0, old, 0, :5, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 0.0]
     assert kv.v[0, old, 0, :5, 0].tolist() == [-1.0, -2.0, -3.0, -4.0, 0.0]

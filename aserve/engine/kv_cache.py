@@ -13,6 +13,8 @@ same system prompt that arrive in the same step still each prefill it. Copies ar
 on its own thread, before the next forward, so no forward ever sees a half-copied slot.
 Slots keep their rows contiguous, rather than sharing blocks by reference through a block
 table, so that all decodes of a step attend over one strided view of the cache with no gather.
+Beyond the slots, an optional PrefixPool keeps finished requests' prefixes in shared blocks
+(prefix_pool.py); a prompt whose longest cached prefix is there copies it into its slot.
 """
 
 from collections import OrderedDict
@@ -21,7 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aserve.engine.prefix_pool import PrefixPool
 from aserve.models.llama import ModelArgs
+
+# ("slot", source slot, destination slot, positions from 0) | ("to_pool", slot, block, first position)
+# | ("from_pool", block, slot, first position)
+Copy = tuple[str, int, int, int]
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -44,9 +51,9 @@ class KVCache:
     prefix_caching: bool = True
     # Free slots, least recently freed first, each with the tokens whose keys/values it holds.
     _free: OrderedDict[int, list[int]] = field(default_factory=OrderedDict)
+    pool: PrefixPool | None = None
     cached_tokens_reused: int = 0  # prompt tokens not recomputed thanks to the prefix cache
-    # (source slot, destination slot, positions): prefixes to copy before the next forward
-    pending_copies: list[tuple[int, int, int]] = field(default_factory=list)
+    pending_copies: list[Copy] = field(default_factory=list)  # run in order before the next forward
 
     def __post_init__(self) -> None:
         if not self._free:
@@ -54,11 +61,13 @@ class KVCache:
 
     @classmethod
     def allocate(cls, args: ModelArgs, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device,
-                 prefix_caching: bool = True) -> "KVCache":
+                 prefix_caching: bool = True, pool_tokens: int = 0, pool_block_size: int = 16) -> "KVCache":
+        """`pool_tokens`: positions kept in a PrefixPool beyond the slots (0: none)."""
         shape = (args.num_layers, num_slots, args.num_kv_heads, max_len, args.head_dim)
         # Zeros, not empty: attention reads masked-out positions too, and 0 * NaN garbage would be NaN.
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                   prefix_caching)
+        k, v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        blocks = pool_tokens // pool_block_size if prefix_caching else 0
+        return cls(k, v, prefix_caching, pool=PrefixPool.allocate(k, blocks, pool_block_size) if blocks else None)
 
     @property
     def num_slots(self) -> int:
@@ -74,7 +83,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        pool = self.pool.k.nbytes + self.pool.v.nbytes if self.pool is not None else 0
+        return self.k.nbytes + self.v.nbytes + pool
 
     def take_slot(self, prompt: Sequence[int],
                   in_use: Iterable[tuple[int, Sequence[int]]] = ()) -> tuple[int, int] | None:
@@ -95,22 +105,39 @@ class KVCache:
                 n = min(common_prefix_len(tokens, prompt), usable)
                 if n > cached:
                     source, cached = candidate, n
-        if source is not None:
+        pooled = self.pool.lookup(prompt, usable) if self.pool is not None and self.prefix_caching else []
+        pooled_len = len(pooled) * self.pool.block_size if pooled else 0
+        if pooled_len > cached or source is not None:
             # Copy into the least recently freed slot, keeping the other cached prefixes.
             slot = next(iter(self._free))
-            if cached > 0:
-                self.pending_copies.append((source, slot, cached))
+            if pooled_len > cached:
+                cached, size = pooled_len, self.pool.block_size
+                self.pending_copies.extend(("from_pool", block, slot, i * size) for i, block in enumerate(pooled))
+            else:
+                self.pending_copies.append(("slot", source, slot, cached))
         del self._free[slot]
         self.cached_tokens_reused += cached
         return slot, cached
 
     def apply_pending_copies(self) -> None:
         """Called on the model thread, before a forward."""
-        for src, dst, n in self.pending_copies:
-            self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-            self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        for kind, src, dst, n in self.pending_copies:
+            if kind == "slot":
+                self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+                self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+                continue
+            size = self.pool.block_size
+            if kind == "to_pool":
+                self.pool.k[:, dst] = self.k[:, src, :, n : n + size]
+                self.pool.v[:, dst] = self.v[:, src, :, n : n + size]
+            else:
+                self.k[:, dst, :, n : n + size] = self.pool.k[:, src]
+                self.v[:, dst, :, n : n + size] = self.pool.v[:, src]
         self.pending_copies.clear()
 
     def free_slot(self, slot: int, cached_tokens: list[int]) -> None:
         """`cached_tokens`: the tokens whose keys/values the slot holds, from position 0."""
         self._free[slot] = cached_tokens
+        if self.pool is not None:
+            size = self.pool.block_size
+            self.pending_copies.extend(("to_pool", slot, block, i * size) for i, block in self.pool.insert(cached_tokens))
