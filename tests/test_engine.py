@@ -219,6 +219,8 @@ async def test_a_prefix_kept_in_the_pool_after_its_slot_was_reused_gives_the_sam
         await collect(engine, "other", PROMPTS[2])  # takes the only slot: the history is left in the pool alone
         pooled = await collect(engine, "t2", resent)
         assert engine.stats()["prefix_cache_tokens_reused"] == 32
+        # t1's 53 tokens fill 3 blocks, "other"'s 24 fill 1, t2's 55 add its third block.
+        assert engine.stats()["prefix_pool_blocks_cached"] == 5
     assert pooled == expected
 
 

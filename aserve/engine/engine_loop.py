@@ -135,6 +135,8 @@ class EngineLoop:
             "kv_slots_total": kv.num_slots,
             "kv_slots_free": kv.num_free,
             "prefix_cache_tokens_reused": kv.cached_tokens_reused,
+            "prefix_pool_blocks_total": kv.pool.num_blocks if kv.pool is not None else 0,
+            "prefix_pool_blocks_cached": kv.pool.num_cached if kv.pool is not None else 0,
             "steps": self.steps,
         }
 
