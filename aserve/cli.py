@@ -1,14 +1,15 @@
 """`aserve serve`: load the model, start the HTTP server, stop cleanly on SIGINT/SIGTERM."""
 
 import argparse
-import gc
 import asyncio
+import gc
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from aserve.config import Config, ConfigError, load_config
 
@@ -114,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         runner = _event_loop_runner()
         runner(_serve(config, state))
     except (_Interrupted, KeyboardInterrupt):  # a signal while the model was still loading
-        return _interrupted(received[0] if received else signal.SIGINT)
+        _interrupted(received[0] if received else signal.SIGINT)
     except Exception as exc:
         if received:  # library code (torch) can turn the interrupt into an exception of its own
-            return _interrupted(received[0])
+            _interrupted(received[0])
         if isinstance(exc, (ConfigError, ValueError, OSError)) or _is_model_error(exc):
             print(f"aserve: error: {exc}", file=sys.stderr)
             return 2
@@ -141,9 +142,14 @@ class _Interrupted(BaseException):
     SIGINT at exit although we caught it (seen in about 1 of 3 SIGTERMs during a conversion)."""
 
 
-def _interrupted(signum: int) -> int:
+def _interrupted(signum: int) -> NoReturn:
     print(f"aserve: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
-    return 128 + signum
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The model may still be loading on the model thread, which nothing can interrupt and which
+    # the interpreter would wait for at exit (seconds, or minutes for a large model): leave now.
+    # Nothing is served yet, and an interrupted conversion has already removed its partial files.
+    os._exit(128 + signum)
 
 
 def _event_loop_runner():

@@ -35,6 +35,16 @@ def test_a_full_pool_evicts_the_least_recently_used_block_and_never_a_parent_bef
     assert len(pool.lookup([1, 2, 3, 4], limit=4)) == 2
 
 
+def test_extending_the_oldest_chain_evicts_other_blocks_rather_than_giving_up():
+    pool = _pool(4)
+    pool.insert([1, 2, 3, 4])
+    pool.insert([5, 6])
+    pool.insert([7, 8])
+    assert len(pool.insert([1, 2, 3, 4, 9, 9])) == 1  # [5, 6], the least recently used, makes room
+    assert len(pool.lookup([1, 2, 3, 4, 9, 9], limit=6)) == 3
+    assert pool.lookup([5, 6], limit=2) == []
+
+
 def test_a_chain_longer_than_the_pool_keeps_its_first_blocks():
     pool = _pool(2)
     assert len(pool.insert([1, 2, 3, 4, 5, 6, 7, 8])) == 2

@@ -57,39 +57,50 @@ class PrefixPool:
     def lookup(self, tokens: Sequence[int], limit: int) -> list[int]:
         """The ids of the cached blocks that hold `tokens`' leading positions, at most `limit`
         positions in all; touched as used."""
-        found: list[tuple[BlockKey, int]] = []
-        parent = -1
-        for start in range(0, limit - self.block_size + 1, self.block_size):
-            key = (parent, tuple(tokens[start : start + self.block_size]))
-            if (block := self._blocks.get(key)) is None:
-                break
-            found.append((key, block))
-            parent = block
-        self._touch([key for key, _ in found])
-        return [block for _, block in found]
+        keys, blocks = self._cached_chain(tokens, limit // self.block_size)
+        self._touch(keys)
+        return blocks
 
     def insert(self, tokens: Sequence[int]) -> list[tuple[int, int]]:
         """Makes room for `tokens`' full blocks; returns (block index in `tokens`, block id) of
         those not cached yet, whose keys/values the caller must copy in."""
-        new: list[tuple[int, int]] = []
-        keys: list[BlockKey] = []
-        parent = -1
-        for index in range(len(tokens) // self.block_size):
-            start = index * self.block_size
-            key = (parent, tuple(tokens[start : start + self.block_size]))
-            if (block := self._blocks.get(key)) is None:
-                if (block := self._take_block(pinned=set(keys))) is None:
-                    break
-                self._blocks[key] = block
-                new.append((index, block))
+        size, count = self.block_size, len(tokens) // self.block_size
+        keys, blocks = self._cached_chain(tokens, count)
+        # The cached part goes to the recent end first, so making room evicts other blocks.
+        self._touch(keys)
+        parent = blocks[-1] if blocks else -1
+        pinned, new = set(keys), []
+        # Past the first miss every block is new: its parent was only just taken.
+        for index in range(len(keys), count):
+            if (block := self._take_block(pinned)) is None:
+                break
+            key = (parent, tuple(tokens[index * size : (index + 1) * size]))
+            self._blocks[key] = block
+            pinned.add(key)
             keys.append(key)
+            new.append((index, block))
             parent = block
         self._touch(keys)
         return new
 
+    def _cached_chain(self, tokens: Sequence[int], count: int) -> tuple[list[BlockKey], list[int]]:
+        """Keys and ids of the cached blocks holding `tokens`' first blocks, up to `count`."""
+        keys: list[BlockKey] = []
+        blocks: list[int] = []
+        parent = -1
+        for index in range(count):
+            key = (parent, tuple(tokens[index * self.block_size : (index + 1) * self.block_size]))
+            if (block := self._blocks.get(key)) is None:
+                break
+            keys.append(key)
+            blocks.append(block)
+            parent = block
+        return keys, blocks
+
     def _take_block(self, pinned: set[BlockKey]) -> int | None:
         """A free block, else the least recently used one (a leaf: its children, touched
-        before it, went first); None when only the chain being inserted is left."""
+        before it, went first); None when every cached block belongs to the chain being
+        inserted, which sits at the recent end."""
         if self._free:
             return self._free.pop()
         if not self._blocks or next(iter(self._blocks)) in pinned:

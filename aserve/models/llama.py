@@ -122,25 +122,23 @@ class Attention(nn.Module):
         queries whose output is dropped. Grouped-query heads are folded into the query
         dimension, so each cached key and value is read once for its whole head group:
         1.5x faster than SDPA's q_len=1 path on CPU, where decode attention is bound by
-        reading the cache. Below float32 (bfloat16 on CUDA) SDPA does it instead: its kernels
-        keep the scores in float32, where a bfloat16 matmul would round them first (25x the
-        error against float64 in tests/test_model.py)."""
+        reading the cache. Below float32 (bfloat16 on CUDA), SDPA takes the same folded
+        layout (no enable_gqa, which would rule out its masked kernels): its kernels keep the
+        scores in float32, where a bfloat16 matmul rounds them first (25x the error against
+        float64 in tests/test_model.py)."""
         a = self.args
         rows, ctx = batch.decode_rows, batch.decode_bias.shape[-1]
-        if q.dtype != torch.float32:
-            qd = q.new_zeros(rows, a.num_heads, 1, a.head_dim)
-            qd[batch.decode_slots] = q.unsqueeze(2)
-            out = F.scaled_dot_product_attention(qd, k_cache[:rows, :, :ctx], v_cache[:rows, :, :ctx],
-                                                 attn_mask=batch.decode_bias.to(q.dtype), scale=self.scale,
-                                                 enable_gqa=True)
-            return out[batch.decode_slots].squeeze(2)
         group = a.num_heads // a.num_kv_heads
         qd = q.new_zeros(rows, a.num_kv_heads, group, a.head_dim)
         # HF's GQA layout: query head h reads kv head h // group.
-        qd[batch.decode_slots] = q.view(-1, a.num_kv_heads, group, a.head_dim) * self.scale
-        scores = torch.matmul(qd, k_cache[:rows, :, :ctx].transpose(-1, -2))  # [rows, kv_heads, group, ctx]
-        probs = torch.softmax(scores.float() + batch.decode_bias, dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v_cache[:rows, :, :ctx])  # [rows, kv_heads, group, head_dim]
+        qd[batch.decode_slots] = q.view(-1, a.num_kv_heads, group, a.head_dim)
+        keys, values = k_cache[:rows, :, :ctx], v_cache[:rows, :, :ctx]
+        if q.dtype == torch.float32:
+            scores = torch.matmul(qd * self.scale, keys.transpose(-1, -2))  # [rows, kv_heads, group, ctx]
+            out = torch.matmul(torch.softmax(scores + batch.decode_bias, dim=-1), values)
+        else:
+            out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_bias.to(q.dtype),
+                                                 scale=self.scale)
         return out[batch.decode_slots].view(-1, a.num_heads, a.head_dim)
 
 
