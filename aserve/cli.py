@@ -8,6 +8,10 @@ import os
 import signal
 import sys
 import threading
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -24,22 +28,23 @@ def _parser() -> argparse.ArgumentParser:
                            description="Options override the config file; see config.toml for every setting.")
     serve.add_argument("--config", type=Path, help="TOML config file (default: ./config.toml if present)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    opts = {
-        "server": [("--host", str), ("--port", int), ("--served-model-name", str), ("--max-body-bytes", int),
-                   ("--shutdown-timeout", float)],
-        "model": [("--model", str), ("--cache-dir", str), ("--device", str), ("--dtype", str),
-                  ("--max-model-len", int), ("--load-format", str), ("--quantization", str)],
-        "engine": [("--max-num-seqs", int), ("--max-num-batched-tokens", int),
-                   ("--prefill-budget-while-decoding", int), ("--prefix-pool-tokens", int), ("--num-threads", int),
-                   ("--seed", int), ("--enable-prefix-caching", _bool)],
-    }
-    for section, items in opts.items():
-        group = serve.add_argument_group(f"[{section}]")
-        for flag, kind in items:
-            key = "path" if flag == "--model" else flag[2:].replace("-", "_")
+    # One flag per config setting, named after it (model.path is --model), typed by its annotation.
+    for section in fields(Config):
+        group = serve.add_argument_group(f"[{section.name}]")
+        for setting in fields(section.type):
+            kind = _flag_type(setting.type)
+            name = "model" if (section.name, setting.name) == ("model", "path") else setting.name
+            flag = "--" + name.replace("_", "-")
             metavar = "{true,false}" if kind is _bool else kind.__name__.upper()
-            group.add_argument(flag, type=kind, dest=f"{section}.{key}", metavar=metavar)
+            group.add_argument(flag, type=kind, dest=f"{section.name}.{setting.name}", metavar=metavar)
     return parser
+
+
+def _flag_type(annotation: object) -> Callable[[str], object]:
+    """int, float, str, bool, or one of them | None (a flag always gives a value)."""
+    if isinstance(annotation, types.UnionType):
+        annotation = next(t for t in typing.get_args(annotation) if t is not type(None))
+    return _bool if annotation is bool else annotation  # type: ignore[return-value]
 
 
 def _bool(text: str) -> bool:

@@ -9,7 +9,8 @@ from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 EOS = 2
 
 
-def _scheduler(slots: int = 2, budget: int = 16, max_len: int = 64, prefill_budget_while_decoding: int = 0) -> Scheduler:
+def _scheduler(slots: int = 2, budget: int = 16, max_len: int = 64,
+               prefill_budget_while_decoding: int = 0) -> Scheduler:
     shape = (1, slots, 1, max_len, 4)
     kv = KVCache(torch.zeros(shape), torch.zeros(shape), prefix_caching=False)  # caching: test_kv_cache.py
     return Scheduler(kv, budget, [EOS], prefill_budget_while_decoding=prefill_budget_while_decoding)

@@ -140,4 +140,5 @@ class KVCache:
         self._free[slot] = cached_tokens
         if self.pool is not None:
             size = self.pool.block_size
-            self.pending_copies.extend(("to_pool", slot, block, i * size) for i, block in self.pool.insert(cached_tokens))
+            new_blocks = self.pool.insert(cached_tokens)
+            self.pending_copies.extend(("to_pool", slot, block, i * size) for i, block in new_blocks)
