@@ -151,7 +151,8 @@ def test_bfloat16_decode_attention_keeps_its_scores_in_float32(tiny_llama_dir):
     k = (torch.randn(3, args.num_kv_heads, 64, args.head_dim, generator=gen) * 6).bfloat16()
     v = torch.randn(3, args.num_kv_heads, 64, args.head_dim, generator=gen).bfloat16()
     lens = torch.tensor([1, 50, 30])  # slot 0 idle; the two decodes sit in slots 2 and 1
-    bias = torch.zeros(3, 50).masked_fill_(torch.arange(50) >= lens[:, None], float("-inf"))[:, None, None, :]
+    hidden = torch.arange(50) >= lens[:, None]
+    bias = torch.zeros(3, 50, dtype=torch.bfloat16).masked_fill_(hidden, float("-inf"))[:, None, None, :]
     batch = ForwardBatch(input_ids=torch.zeros(2, dtype=torch.long), positions=torch.zeros(2, dtype=torch.long),
                          token_slots=torch.tensor([2, 1]), decode_slots=torch.tensor([2, 1]), decode_rows=3,
                          decode_bias=bias, prefills=[], logits_indices=torch.tensor([0, 1]))

@@ -63,7 +63,9 @@ class ModelRunner:
             lens = torch.ones(decode_rows, dtype=torch.long)  # idle rows see position 0 only, to stay finite
             lens[decode_slots] = torch.tensor(decode_lens)
             hidden = torch.arange(max(decode_lens)).unsqueeze(0) >= lens.unsqueeze(1)
-            decode_bias = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))[:, None, None, :]
+            # In the cache's dtype, built once per step rather than cast in each layer.
+            bias = torch.zeros(hidden.shape, dtype=self.kv_cache.k.dtype).masked_fill_(hidden, float("-inf"))
+            decode_bias = bias[:, None, None, :]
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device, non_blocking=True)  # noqa: E731
         return ForwardBatch(
             input_ids=as_tensor(input_ids),

@@ -26,7 +26,7 @@ class ForwardBatch:
     token_slots: torch.Tensor  # [T] cache slot of each token
     decode_slots: torch.Tensor  # [D] cache slot of each decode token
     decode_rows: int  # decodes attend over cache rows [0, decode_rows): max decode slot + 1
-    # [decode_rows, 1, 1, context_len] float32: 0 at the cached positions each row sees, -inf elsewhere
+    # [decode_rows, 1, 1, context_len] in the cache's dtype: 0 at the cached positions each row sees, -inf elsewhere
     decode_bias: torch.Tensor | None
     prefills: list[PrefillChunk]
     logits_indices: torch.Tensor  # [B] which of the T tokens need next-token logits

@@ -137,7 +137,7 @@ class Attention(nn.Module):
             scores = torch.matmul(qd * self.scale, keys.transpose(-1, -2))  # [rows, kv_heads, group, ctx]
             out = torch.matmul(torch.softmax(scores + batch.decode_bias, dim=-1), values)
         else:
-            out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_bias.to(q.dtype),
+            out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_bias,
                                                  scale=self.scale)
         return out[batch.decode_slots].view(-1, a.num_heads, a.head_dim)
 
