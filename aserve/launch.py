@@ -106,7 +106,7 @@ def build_state(config: Config) -> ServingState:
     engine = EngineLoop(
         Scheduler(kv, ec.max_num_batched_tokens, eos, loaded.args.attention_context_per_token,
                   ec.prefill_budget_while_decoding),
-        ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed),
+        ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed, eos_token_ids=eos),
         detok_tokenizer,
         model_thread,
     )

@@ -26,14 +26,14 @@ def prefill(runner: ModelRunner, prompts: list[list[int]]) -> list[Sequence]:
     seqs = [Sequence(f"s{i}", ids, SamplingParams(max_tokens=10**6, temperature=0),
                      status=SequenceStatus.RUNNING, slot=i) for i, ids in enumerate(prompts)]
     for seq in seqs:
-        seq.output_ids = [runner.run([ScheduledSeq(seq, len(seq.prompt_ids))])[0]]
+        seq.output_ids = [runner.run([ScheduledSeq(seq, len(seq.prompt_ids))]).tokens[0]]
         seq.num_computed = len(seq.prompt_ids)
     return seqs
 
 
 def decode_step(runner: ModelRunner, seqs: list[Sequence]) -> None:
     """One batched decode step: every sequence gets its next token."""
-    for seq, token in zip(seqs, runner.run([ScheduledSeq(s, 1) for s in seqs])):
+    for seq, token in zip(seqs, runner.run([ScheduledSeq(s, 1) for s in seqs]).tokens):
         seq.num_computed += 1
         seq.output_ids.append(token)
 

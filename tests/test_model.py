@@ -23,7 +23,7 @@ def _seq(rid: str, prompt: list[int], slot: int) -> Sequence:
 
 def _logits(runner: ModelRunner, scheduled: list[ScheduledSeq]) -> torch.Tensor:
     with torch.inference_mode():
-        out = runner.model(runner._build_batch(scheduled), runner.kv_cache.k, runner.kv_cache.v)
+        out = runner.model(runner._build_batch(scheduled)[0], runner.kv_cache.k, runner.kv_cache.v)
     for item in scheduled:
         item.seq.num_computed += item.num_tokens
     return out

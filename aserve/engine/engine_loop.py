@@ -10,13 +10,15 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import tokenizers
 import torch
 
 from aserve.engine.detokenizer import IncrementalDetokenizer
-from aserve.engine.model_runner import ModelRunner
+from aserve.engine.model_runner import ModelRunner, StepOutput
+from aserve.engine.sampler import TokenLogprobs
 from aserve.engine.scheduler import ScheduledSeq, Scheduler
 from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 
@@ -32,6 +34,10 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    guide: Any = None  # a fresh guided.Guide when the output is constrained (response_format)
+    # Another request with the same prompt (an earlier choice of the same n>1 request) whose KV
+    # this one copies once it is computed, instead of prefilling the prompt again.
+    follows: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +46,20 @@ class RequestOutput:
     finish_reason: str | None  # "stop" / "length" on the last output, else None
     prompt_tokens: int
     completion_tokens: int
+    # When asked for: one entry per shown token behind `text`, and, on the first output only,
+    # one per prompt token (None for the first, which nothing predicts).
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class _Event:
     token: int | None = None
-    is_text: bool = True  # False for an EOS token: counted, never shown
+    is_text: bool = True  # False for a stop token (EOS, stop_token_ids): counted, never shown
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None  # for some prompt tokens: one prefill chunk's
 
 
 class EngineLoop:
@@ -80,6 +92,9 @@ class EngineLoop:
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids, request.params.stop)
         self._incoming.put_nowait(request)
         prompt_tokens, completion_tokens, done = len(request.prompt_ids), 0, False
+        prompt_logprobs: list[TokenLogprobs | None] | None = None
+        if request.params.prompt_logprobs is not None:
+            prompt_logprobs = [None]
         try:
             while not done:
                 # Drain everything already queued: a client that fell behind gets one
@@ -87,12 +102,17 @@ class EngineLoop:
                 events = [await queue.get()]
                 while not queue.empty():
                     events.append(queue.get_nowait())
-                text, finish_reason = "", None
+                text, finish_reason, logprobs = "", None, []
                 for event in events:
                     if event.error:
                         raise EngineError(event.error)
+                    if event.prompt_logprobs is not None:
+                        prompt_logprobs.extend(event.prompt_logprobs)
+                        continue
                     completion_tokens += 1
                     if event.is_text:
+                        if event.logprobs is not None:
+                            logprobs.append(event.logprobs)
                         out = detok.push((event.token,))
                         text += out.text
                         if out.stopped:
@@ -105,8 +125,10 @@ class EngineLoop:
                         finish_reason = event.finish_reason
                         text += detok.finish()
                 done = finish_reason is not None
-                if text or done:
-                    yield RequestOutput(text, finish_reason, prompt_tokens, completion_tokens)
+                if text or done or logprobs:
+                    yield RequestOutput(text, finish_reason, prompt_tokens, completion_tokens, logprobs,
+                                        prompt_logprobs)
+                    prompt_logprobs = None
         finally:
             # Reached without a finish when the client went away (CancelledError in a
             # handler, or the generator closed): free the request's slot.
@@ -156,14 +178,18 @@ class EngineLoop:
                     await asyncio.sleep(0)
                     continue
                 try:
-                    tokens = await loop.run_in_executor(self.model_thread, self.runner.run, scheduled)
+                    out = await loop.run_in_executor(self.model_thread, self.runner.run, scheduled)
                 except Exception:
                     log.exception("batched step failed; retrying its %d sequences one by one", len(scheduled))
-                    tokens = await self._run_isolated(scheduled)
+                    out = await self._run_isolated(scheduled)
                 self.steps += 1
                 self._drop_aborted()
-                for seq, token in self.scheduler.postprocess(scheduled, tokens):
-                    self._emit(seq, token)
+                for item, prompt_logprobs in zip(scheduled, out.prompt_logprobs):
+                    if prompt_logprobs and (queue := self._streams.get(item.seq.request_id)) is not None:
+                        queue.put_nowait(_Event(prompt_logprobs=prompt_logprobs))
+                logprobs = {item.seq: lp for item, lp in zip(scheduled, out.logprobs) if lp is not None}
+                for seq, token in self.scheduler.postprocess(scheduled, out.tokens):
+                    self._emit(seq, token, logprobs.get(seq))
         except asyncio.CancelledError:
             raise
         except BaseException:
@@ -180,7 +206,8 @@ class EngineLoop:
         generator = None
         if request.params.seed is not None:
             generator = torch.Generator(self.runner.device).manual_seed(request.params.seed)
-        seq = Sequence(rid, list(request.prompt_ids), request.params, generator=generator)
+        seq = Sequence(rid, list(request.prompt_ids), request.params, generator=generator, guide=request.guide,
+                       wait_for=self._seqs.get(request.follows) if request.follows else None)
         self._seqs[rid] = seq
         self.scheduler.add(seq)
 
@@ -190,19 +217,19 @@ class EngineLoop:
                 self.scheduler.remove(seq, SequenceStatus.FINISHED_ABORTED)
         self._aborted.clear()
 
-    async def _run_isolated(self, scheduled: list[ScheduledSeq]) -> list[int | None]:
+    async def _run_isolated(self, scheduled: list[ScheduledSeq]) -> StepOutput:
         """After a batched step failed, find the sequences that cause it: each runs alone,
         and only the ones that fail alone are ended with an error."""
         loop = asyncio.get_running_loop()
-        tokens: list[int | None] = []
+        out = StepOutput([], [], [])
         for item in scheduled:
             try:
-                tokens.extend(await loop.run_in_executor(self.model_thread, self.runner.run, [item]))
+                out += await loop.run_in_executor(self.model_thread, self.runner.run, [item])
             except Exception as exc:
                 log.exception("request %s failed in the engine", item.seq.request_id)
                 self._fail(item.seq, f"engine error: {type(exc).__name__}: {exc}")
-                tokens.append(None)
-        return tokens
+                out += StepOutput([None], [None], [None])
+        return out
 
     def _fail(self, seq: Sequence, message: str) -> None:
         self.scheduler.remove(seq, SequenceStatus.FINISHED_ERROR)
@@ -210,10 +237,10 @@ class EngineLoop:
         if (queue := self._streams.get(seq.request_id)) is not None:
             queue.put_nowait(_Event(error=message))
 
-    def _emit(self, seq: Sequence, token: int) -> None:
+    def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         finish_reason = seq.finish_reason
         if seq.status.finished:
             self._seqs.pop(seq.request_id, None)
         if (queue := self._streams.get(seq.request_id)) is not None:
-            is_text = not (finish_reason == "stop" and token in self.scheduler.eos_token_ids)
-            queue.put_nowait(_Event(token, is_text, finish_reason))
+            is_text = not (finish_reason == "stop" and self.scheduler.ends(seq, token))
+            queue.put_nowait(_Event(token, is_text, finish_reason, logprobs=logprobs))

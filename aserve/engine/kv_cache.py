@@ -86,17 +86,19 @@ class KVCache:
         pool = self.pool.k.nbytes + self.pool.v.nbytes if self.pool is not None else 0
         return self.k.nbytes + self.v.nbytes + pool
 
-    def take_slot(self, prompt: Sequence[int],
-                  in_use: Iterable[tuple[int, Sequence[int]]] = ()) -> tuple[int, int] | None:
+    def take_slot(self, prompt: Sequence[int], in_use: Iterable[tuple[int, Sequence[int]]] = (),
+                  reuse: bool = True) -> tuple[int, int] | None:
         """Returns (slot, how many leading prompt tokens that slot already holds), or None
         when every slot is in use. `in_use`: (slot, tokens it holds) of the slots in use, whose
-        prefixes may be copied."""
+        prefixes may be copied. `reuse=False`: compute the whole prompt (prompt logprobs need
+        logits at every position)."""
         if not self._free:
             return None
         slot, cached, source = next(iter(self._free)), 0, None
         # The last prompt token is always computed: its logits give the first new token.
         usable = len(prompt) - 1
-        if self.prefix_caching:
+        reuse = reuse and self.prefix_caching
+        if reuse:
             for candidate, tokens in self._free.items():
                 n = min(common_prefix_len(tokens, prompt), usable)
                 if n > cached:
@@ -105,7 +107,7 @@ class KVCache:
                 n = min(common_prefix_len(tokens, prompt), usable)
                 if n > cached:
                     source, cached = candidate, n
-        pooled = self.pool.lookup(prompt, usable) if self.pool is not None and self.prefix_caching else []
+        pooled = self.pool.lookup(prompt, usable) if self.pool is not None and reuse else []
         pooled_len = len(pooled) * self.pool.block_size if pooled else 0
         if pooled_len > cached or source is not None:
             # Copy into the least recently freed slot, keeping the other cached prefixes.

@@ -1,50 +1,79 @@
 """Turns a scheduled step into tensors, runs the model and samples. Runs on the worker thread."""
 
+from collections.abc import Collection
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 
 from aserve.engine.kv_cache import KVCache
-from aserve.engine.sampler import sample
+from aserve.engine.sampler import TokenLogprobs, prompt_logprobs, sample
 from aserve.engine.scheduler import ScheduledSeq
 from aserve.models.batch import ForwardBatch, PrefillChunk
 from aserve.models.llama import LlamaModel
 
 
+@dataclass(slots=True)
+class StepOutput:
+    """Per scheduled sequence, in the step's order."""
+
+    tokens: list[int | None]  # the next token; None for a prefill chunk short of its prompt's end
+    logprobs: list[TokenLogprobs | None]  # for the next token, where asked
+    prompt_logprobs: list[list[TokenLogprobs] | None]  # for the prompt tokens this chunk predicts, where asked
+
+    def __add__(self, other: "StepOutput") -> "StepOutput":
+        return StepOutput(self.tokens + other.tokens, self.logprobs + other.logprobs,
+                          self.prompt_logprobs + other.prompt_logprobs)
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device, seed: int | None = None) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device, seed: int | None = None,
+                 eos_token_ids: Collection[int] = ()) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
+        self.eos_token_ids = tuple(eos_token_ids)  # masked while a sequence is short of min_tokens
         self.generator = torch.Generator(device)
         if seed is None:
             self.generator.seed()
         else:
             self.generator.manual_seed(seed)
 
-    def run(self, scheduled: Seq[ScheduledSeq]) -> list[int | None]:
-        """Returns, per scheduled sequence, its next token, or None for a prefill chunk
-        that has not reached the end of its prompt yet."""
+    def run(self, scheduled: Seq[ScheduledSeq]) -> StepOutput:
         # Grad mode is thread-local, so it must be set here, on the thread that runs the model.
         with torch.inference_mode():
             self.kv_cache.apply_pending_copies()
-            batch = self._build_batch(scheduled)
+            batch, prompt_rows = self._build_batch(scheduled)
             logits = self.model(batch, self.kv_cache.k, self.kv_cache.v)
             sampling = [s.seq for s in scheduled if s.samples]
-            tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling], self.generator)
-            token_list = tokens.tolist()  # the step's one host sync
-        it = iter(token_list)
-        return [next(it) if s.samples else None for s in scheduled]
+            sampled = sample(logits[: len(sampling)], sampling, self.generator, self.eos_token_ids)
+            token_list, logprob_list = sampled.to_host(sampling)  # the step's one host sync (without logprobs)
+            prompt_lps: list[list[TokenLogprobs] | None] = [None] * len(scheduled)
+            row = len(sampling)
+            for index, next_tokens in prompt_rows:
+                k = scheduled[index].seq.params.prompt_logprobs or 0
+                prompt_lps[index] = prompt_logprobs(logits[row : row + len(next_tokens)], next_tokens, k)
+                row += len(next_tokens)
+        for seq, token in zip(sampling, token_list):
+            if seq.guide is not None:
+                seq.guide.accept(token)
+        tokens, logprobs = iter(token_list), iter(logprob_list)
+        return StepOutput([next(tokens) if s.samples else None for s in scheduled],
+                          [next(logprobs) if s.samples else None for s in scheduled], prompt_lps)
 
-    def _build_batch(self, scheduled: Seq[ScheduledSeq]) -> ForwardBatch:
+    def _build_batch(self, scheduled: Seq[ScheduledSeq]) -> tuple[ForwardBatch, list[tuple[int, list[int]]]]:
+        """Also returns, for each chunk that wants prompt logprobs, (its index, the prompt tokens
+        its positions predict); their logits rows follow the sampling rows, in that order."""
         input_ids: list[int] = []
+        prompt_indices: list[int] = []
+        prompt_rows: list[tuple[int, list[int]]] = []
         positions: list[int] = []
         slots: list[int] = []
         logits_indices: list[int] = []
         decode_slots: list[int] = []
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
-        for item in scheduled:
+        for index, item in enumerate(scheduled):
             seq, start = item.seq, item.seq.num_computed
             span = range(start, start + item.num_tokens)
             input_ids.extend(seq.tokens(span.start, span.stop))
@@ -52,6 +81,13 @@ class ModelRunner:
             slots.extend([seq.slot] * item.num_tokens)
             if item.samples:
                 logits_indices.append(len(input_ids) - 1)
+            if seq.params.prompt_logprobs is not None and seq.in_prefill:
+                # Position p predicts prompt token p + 1; the prompt's last position samples instead.
+                predicts = seq.prompt_ids[start + 1 : start + item.num_tokens + 1]
+                if predicts:
+                    first = len(input_ids) - item.num_tokens
+                    prompt_indices.extend(range(first, first + len(predicts)))
+                    prompt_rows.append((index, predicts))
             if seq.in_prefill:
                 prefills.append(PrefillChunk(seq.slot, start, item.num_tokens))
             else:
@@ -75,5 +111,5 @@ class ModelRunner:
             decode_rows=decode_rows,
             decode_bias=None if decode_bias is None else decode_bias.to(self.device, non_blocking=True),
             prefills=prefills,
-            logits_indices=as_tensor(logits_indices),
-        )
+            logits_indices=as_tensor(logits_indices + prompt_indices),
+        ), prompt_rows

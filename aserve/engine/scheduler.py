@@ -71,8 +71,13 @@ class Scheduler:
             if seq.in_prefill and (chunk := self._prefill_chunk(seq, budget, not prefills, decoding)):
                 prefills.append(chunk)
                 budget -= self.prefill_cost(seq.num_computed, chunk.num_tokens)
-        while self.waiting and budget > 0 and self.kv_cache.num_free:
-            seq = self._admit(self.waiting.popleft())
+        for seq in list(self.waiting):
+            if budget <= 0 or not self.kv_cache.num_free:
+                break
+            if seq.waits:  # a later choice of an n>1 request: its prompt's KV is on the way
+                continue
+            self.waiting.remove(seq)
+            self._admit(seq)
             if not (chunk := self._prefill_chunk(seq, budget, not prefills, decoding)):
                 break  # admitted: it prefills from the next step on
             prefills.append(chunk)
@@ -81,7 +86,8 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> Sequence:
         in_use = ((s.slot, s.tokens(0, s.num_computed)) for s in self.running if s.num_computed)
-        seq.slot, seq.num_computed = self.kv_cache.take_slot(seq.prompt_ids, in_use)
+        reuse = seq.params.prompt_logprobs is None
+        seq.slot, seq.num_computed = self.kv_cache.take_slot(seq.prompt_ids, in_use, reuse)
         seq.num_cached_prompt = seq.num_computed
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
@@ -104,6 +110,10 @@ class Scheduler:
         n = min(n, len(seq.prompt_ids) - seq.num_computed)
         return ScheduledSeq(seq, n) if n > 0 else None
 
+    def ends(self, seq: Sequence, token: int) -> bool:
+        """Whether `token` ends `seq` as a stop (EOS unless ignored, or one of its stop_token_ids)."""
+        return (token in self.eos_token_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids
+
     def postprocess(self, scheduled: list[ScheduledSeq], tokens: list[int | None]) -> list[tuple[Sequence, int]]:
         """Records the step's results; returns (sequence, new token) pairs. Finished sequences
         leave the batch here, so their slots are free for the very next step."""
@@ -117,7 +127,7 @@ class Scheduler:
                 continue
             seq.output_ids.append(token)
             new_tokens.append((seq, token))
-            if token in self.eos_token_ids and not seq.params.ignore_eos:
+            if self.ends(seq, token):
                 self.remove(seq, SequenceStatus.FINISHED_STOPPED)
             elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.kv_cache.max_len:
                 self.remove(seq, SequenceStatus.FINISHED_LENGTH)

@@ -2,6 +2,7 @@
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -15,6 +16,19 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()  # end the sequence like EOS does (vLLM extension)
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens exist
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the output so far
+    repetition_penalty: float = 1.0  # vLLM/transformers: divides (or, if negative, multiplies) the
+    # logits of every token in the prompt or output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # per generated token: its logprob and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -52,6 +66,10 @@ class Sequence:
     num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at admission
     # A per-request generator makes a seeded request reproducible whatever else is in the batch.
     generator: torch.Generator | None = None
+    guide: Any = None  # a guided.Guide that constrains sampling (response_format), advanced per token
+    # Admission waits until this sequence's prompt is computed, then copies its KV: the n choices
+    # of one request prefill their shared prompt once.
+    wait_for: "Sequence | None" = None
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +85,11 @@ class Sequence:
         if end <= n:
             return self.prompt_ids[start:end]
         return self.prompt_ids[start:] + self.output_ids[max(start - n, 0) : end - n]
+
+    @property
+    def waits(self) -> bool:
+        leader = self.wait_for
+        return leader is not None and not leader.status.finished and leader.in_prefill
 
     @property
     def finish_reason(self) -> str | None:
