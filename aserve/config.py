@@ -13,6 +13,7 @@ class ServerConfig:
     served_model_name: str | None = None  # default: the model directory's name
     max_body_bytes: int = 4 * 1024 * 1024
     shutdown_timeout: float = 5.0
+    tool_parser: str = "hermes"  # how tool calls are read out of the model's text (tool_parsers.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,9 @@ class ModelConfig:
     max_model_len: int | None = 2048  # prompt + completion tokens per request; None: the model's own context
     load_format: str = "auto"  # auto: the weight files; dummy: random weights of the config's shape (benchmarks)
     quantization: str = "none"  # none | fp16: CPU weight quantization of the linear layers (quantize.py)
+    chat_template: str | None = None  # a Jinja file that replaces the model's chat template
+    # auto: sampling defaults from the model's generation_config.json (as vLLM); none: OpenAI's defaults
+    generation_config: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)

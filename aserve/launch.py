@@ -1,5 +1,6 @@
 """Builds a ready-to-serve ServingState from a Config: model, tokenizer, KV cache, engine."""
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import torch
 
 from aserve.config import Config
 from aserve.engine.engine_loop import EngineLoop
+from aserve.engine.guided import GuidedDecoding
 from aserve.engine.kv_cache import KVCache
 from aserve.engine.model_runner import ModelRunner
 from aserve.engine.scheduler import Scheduler
@@ -19,6 +21,7 @@ from aserve.models.loader import LoadedModel, load_model, resolve_dtype
 from aserve.models.quantize import QUANTIZATION_MODES
 from aserve.models.store import default_cache_dir, resolve_model
 from aserve.server.serving import ServingState
+from aserve.server.tool_parsers import get_tool_parser
 
 log = logging.getLogger("aserve")
 # torch's own default (one thread per core), read before any model runner changes the count.
@@ -45,6 +48,11 @@ def _check_settings(config: Config) -> None:
         raise ValueError("max_num_batched_tokens must be at least max_num_seqs (every decode needs one token)")
     if ec.prefix_pool_tokens < 0:
         raise ValueError("prefix_pool_tokens must be 0 (no pool) or positive")
+    if mc.generation_config not in ("auto", "none"):
+        raise ValueError(f"unknown generation_config {mc.generation_config!r}; choose auto or none")
+    if mc.chat_template is not None and not Path(mc.chat_template).is_file():
+        raise ValueError(f"chat template file not found: {mc.chat_template}")
+    get_tool_parser(config.server.tool_parser)  # raises for an unknown name
     if ec.prefill_budget_while_decoding < 0:
         raise ValueError("prefill_budget_while_decoding must be 0 (no cap) or positive")
 
@@ -94,6 +102,8 @@ def build_state(config: Config) -> ServingState:
         model_thread.shutdown(wait=False, cancel_futures=True)
         raise
     hf_tokenizer = AutoTokenizer.from_pretrained(path)
+    if mc.chat_template is not None:
+        hf_tokenizer.chat_template = Path(mc.chat_template).read_text()
     # The detokenizer runs on the event loop while the tokenize thread encodes: give it its own
     # copy of the Rust tokenizer rather than share one object across threads.
     detok_tokenizer = tokenizers.Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
@@ -111,4 +121,22 @@ def build_state(config: Config) -> ServingState:
         model_thread,
     )
     name = config.server.served_model_name or path.name
-    return ServingState(engine, hf_tokenizer, name, loaded.max_model_len)
+    defaults = generation_defaults(path) if mc.generation_config == "auto" else {}
+    if defaults:
+        log.info("sampling defaults from generation_config.json: %s", defaults)
+    return ServingState(engine, hf_tokenizer, name, loaded.max_model_len,
+                        GuidedDecoding(hf_tokenizer, loaded.args.vocab_size, eos), loaded.args.vocab_size, defaults,
+                        tool_parser=get_tool_parser(config.server.tool_parser))
+
+
+# generation_config.json key -> request field, the ones vLLM takes as defaults
+_GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(model_dir: Path) -> dict:
+    try:
+        config = json.loads((model_dir / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {field: config[key] for key, field in _GENERATION_KEYS.items() if config.get(key) is not None}

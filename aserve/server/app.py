@@ -6,21 +6,23 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from aserve.server import protocol
+from aserve.server import protocol, responses
 from aserve.server.chat import chat_completions
+from aserve.server.completions import completions
 from aserve.server.errors import error_middleware, json_response
 from aserve.server.serving import ServingState
+from aserve.server.tokenize import detokenize, tokenize
 
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
-    return json_response(protocol.model_list(state.model_name, state.max_model_len, state.created))
+    return json_response(responses.model_list(state.model_name, state.max_model_len, state.created))
 
 
 async def get_model(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
     state.check_model(request.match_info["model"])
-    return json_response(protocol.model_card(state.model_name, state.max_model_len, state.created))
+    return json_response(responses.model_card(state.model_name, state.max_model_len, state.created))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -46,6 +48,9 @@ def create_app(state: ServingState, max_body_bytes: int) -> web.Application:
     app.cleanup_ctx.append(_engine_lifetime)
     app.add_routes([
         web.post("/v1/chat/completions", chat_completions),
+        web.post("/v1/completions", completions),
+        web.post("/tokenize", tokenize),  # vLLM's
+        web.post("/detokenize", detokenize),
         web.get("/v1/models", list_models),
         # `.+`: served names such as "org/model" hold a slash, which {model} alone would not match.
         web.get("/v1/models/{model:.+}", get_model),

@@ -2,22 +2,31 @@
 
 Everything that can reject a request happens before the 200 headers go out, so a bad
 request is always a real 4xx and never a broken stream.
+
+Tools: with tool_choice "auto" (the default when tools are given) the model's text is read by
+the configured tool parser, in streams as it arrives. With "required" or a named function the
+output is forced, by guided decoding, into JSON that is the call(s) (as vLLM does), and the
+calls are read from that JSON.
 """
 
+import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import orjson
 from aiohttp import web
 
-from aserve.engine.engine_loop import EngineError, GenerationRequest, RequestOutput
-from aserve.engine.sequence import SamplingParams
-from aserve.server import protocol
+from aserve.engine.engine_loop import EngineError, RequestOutput
+from aserve.server import generation, protocol, responses
+from aserve.server.chat_prompt import chat_inputs
 from aserve.server.errors import APIError, json_response
+from aserve.server.logprobs import chat_logprobs
 from aserve.server.serving import ServingState
 from aserve.server.sse import SSEWriter
+from aserve.server.tool_parsers import ToolCall, new_call_id
 
 log = logging.getLogger("aserve.server")
 
@@ -30,86 +39,150 @@ async def read_json(request: web.Request) -> object:
         raise APIError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-def sampling_params(req: protocol.ChatCompletionRequest, prompt_len: int, max_model_len: int) -> SamplingParams:
-    room = max_model_len - prompt_len
-    max_tokens = req.max_completion_tokens or req.max_tokens
-    if room < 1 or (max_tokens is not None and max_tokens > room):
-        asked = max_tokens or 1
-        raise APIError(
-            f"this model's maximum context length is {max_model_len} tokens, but you requested "
-            f"{prompt_len + asked} tokens ({prompt_len} in the messages, {asked} in the completion); "
-            "shorten the messages or lower max_tokens",
-            param="messages", code="context_length_exceeded",
-        )
-    return SamplingParams(
-        max_tokens=max_tokens or room,  # omitted: the room left in the context
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=max(req.top_k or 0, 0),
-        seed=req.seed,
-        stop=tuple(req.stop or ()),
-        ignore_eos=bool(req.ignore_eos),
-    )
+def forced_tool_schema(req: protocol.ChatCompletionRequest) -> dict | None:
+    """The JSON schema that tool_choice "required" or a named function forces the output into."""
+    choice = req.tool_choice
+    if isinstance(choice, protocol.NamedToolChoice):
+        tool = next(t for t in req.tools if t.function.name == choice.function.name)
+        return tool.function.parameters or {"type": "object"}
+    if choice == "required":
+        calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
+                                                   "parameters": t.function.parameters or {"type": "object"}},
+                  "required": ["name", "parameters"], "additionalProperties": False} for t in req.tools]
+        return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    return None
+
+
+def forced_calls(req: protocol.ChatCompletionRequest, text: str) -> list[ToolCall] | None:
+    """The calls in a forced output; None when it is not complete JSON (cut off by max_tokens)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(req.tool_choice, protocol.NamedToolChoice):
+        return [ToolCall(new_call_id(), req.tool_choice.function.name, json.dumps(value, ensure_ascii=False))]
+    return [ToolCall(new_call_id(), c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value]
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state: ServingState = request.app[ServingState.KEY]
     req = protocol.parse_chat_request(await read_json(request))
     state.check_model(req.model)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
-                for i, m in enumerate(req.messages)]
-    prompt_ids = await state.encode_chat(messages)
-    params = sampling_params(req, len(prompt_ids), state.max_model_len)
-    state.check_engine()
+    messages, tools = chat_inputs(req, state.tokenizer.chat_template)
+    prompt_ids = await state.encode_chat(messages, tools)
+    schema = forced_tool_schema(req)
+    if schema is not None:
+        grammar = await state.compile_grammar({"type": "json_schema", "json_schema": {"name": "tools", "schema": schema}})
+    else:
+        grammar = await generation.compile_response_format(state, req.response_format)
+    params = generation.sampling_params(req, len(prompt_ids), state,
+                                        max_tokens=req.max_completion_tokens or req.max_tokens,
+                                        logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+    n = req.n or 1
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    outputs = state.engine.generate(GenerationRequest(rid, prompt_ids, params))
-    created = int(time.time())
+    outputs = generation.start(state, rid, [prompt_ids], params, n, grammar)
+    reply = _Reply(state, req, rid, int(time.time()))
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await _stream(request, state, rid, created, outputs, include_usage)
-    return await _complete(state, rid, created, outputs)
+        return await reply.stream(request, outputs, n)
+    return json_response(reply.complete(await generation.collect(outputs, n)))
 
 
-async def _complete(state: ServingState, rid: str, created: int, outputs) -> web.Response:
-    parts: list[str] = []
-    last: RequestOutput | None = None
-    try:
+class _Reply:
+    def __init__(self, state: ServingState, req: protocol.ChatCompletionRequest, rid: str, created: int) -> None:
+        self.state, self.req, self.rid, self.created = state, req, rid, created
+        self.parses_tools = bool(req.tools) and req.tool_choice in (None, "auto")
+        self.forced = req.tools is not None and req.tool_choice not in (None, "auto", "none")
+        self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+
+    def _logprobs(self, out: generation.Choice | RequestOutput) -> dict | None:
+        return chat_logprobs(out.logprobs, self.state.token_text) if self.req.logprobs else None
+
+    def _calls(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.forced:
+            calls = forced_calls(self.req, text)
+            return (text, []) if calls is None else (None, calls)
+        if self.parses_tools:
+            return self.state.tool_parser.parse(text)
+        return text, []
+
+    def complete(self, choices: list[generation.Choice]) -> dict:
+        body = []
+        for c in choices:
+            content, calls = self._calls(c.text)
+            finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+            body.append(responses.chat_choice(c.index, content, finish, self._logprobs(c),
+                                              [call.to_openai() for call in calls]))
+        return responses.chat_completion(self.rid, self.state.model_name, self.created, body, _usage(choices))
+
+    def _chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        return responses.chat_chunk(self.rid, self.state.model_name, self.created, index, delta, finish,
+                                    self.include_usage, logprobs)
+
+    async def stream(self, request: web.Request, outputs: AsyncIterator[tuple[int, RequestOutput]],
+                     n: int) -> web.StreamResponse:
+        sse = SSEWriter(request)
+        choices = [generation.Choice(i) for i in range(n)]
+        parsers = [self.state.tool_parser.streaming() for _ in range(n)] if self.parses_tools else None
+        # The generator is closed on every way out (finish, error, client gone), and closing it
+        # aborts the requests in the engine.
         async with aclosing(outputs):
-            async for last in outputs:
-                parts.append(last.text)
-    except EngineError as exc:
-        raise APIError(str(exc), status=500, code="engine_error") from None
-    assert last is not None and last.finish_reason is not None
-    body = protocol.chat_completion(rid, state.model_name, created, "".join(parts), last.finish_reason,
-                                    protocol.usage(last.prompt_tokens, last.completion_tokens))
-    return json_response(body)
+            await sse.start()
+            for i in range(n):
+                await sse.send(self._chunk(i, {"role": "assistant", "content": ""}))
+            try:
+                async for i, out in outputs:
+                    choices[i].add(out)
+                    for chunk in self._deltas(i, out, parsers[i] if parsers else None, choices[i]):
+                        await sse.send(chunk)
+                if self.include_usage:
+                    await sse.send(responses.usage_chunk(self.rid, self.state.model_name, self.created,
+                                                         _usage(choices)))
+            except EngineError as exc:
+                await sse.send(APIError(str(exc), status=500, code="engine_error").body())
+            except Exception:
+                # The 200 headers are out: a 500 response is no longer possible, so the stream
+                # itself must end, with an error event and [DONE], or the client waits forever.
+                log.exception("request %s failed mid-stream", self.rid)
+                await sse.send(APIError("internal server error", status=500).body())
+            await sse.done()
+        return sse.response
+
+    def _deltas(self, i: int, out: RequestOutput, parser, choice: generation.Choice) -> list[dict]:
+        logprobs = self._logprobs(out) if out.logprobs else None
+        if self.forced:  # the JSON is only known to be calls once it is complete
+            deltas = []
+            if out.finish_reason:
+                content, calls = self._calls(choice.text)
+                deltas = [{"content": content}] if content else _call_deltas(calls)
+        elif parser is not None:
+            deltas = parser.push(out.text) if out.text else []
+            if out.finish_reason:
+                deltas += parser.finish()
+        else:
+            deltas = [{"content": out.text}] if out.text else []
+        if logprobs is not None and not deltas:
+            deltas = [{}]  # logprobs of tokens whose text is still held back
+        chunks = [self._chunk(i, d, logprobs=logprobs if k == 0 else None) for k, d in enumerate(deltas)]
+        if out.finish_reason:
+            called = bool(parser.calls) if parser is not None else self.forced and _has_calls(deltas)
+            finish = "tool_calls" if called and out.finish_reason == "stop" else out.finish_reason
+            chunks.append(self._chunk(i, {}, finish))
+        return chunks
 
 
-async def _stream(request: web.Request, state: ServingState, rid: str, created: int, outputs,
-                  include_usage: bool) -> web.StreamResponse:
-    sse = SSEWriter(request)
-    chunk = lambda delta, finish=None: protocol.chat_chunk(  # noqa: E731
-        rid, state.model_name, created, delta, finish, include_usage)
-    # The generator is closed on every way out (finish, error, client gone), and closing it
-    # aborts the request in the engine.
-    async with aclosing(outputs):
-        await sse.start()
-        await sse.send(chunk({"role": "assistant", "content": ""}))
-        try:
-            async for out in outputs:
-                if out.text:
-                    await sse.send(chunk({"content": out.text}))
-                if out.finish_reason:
-                    await sse.send(chunk({}, out.finish_reason))
-                    if include_usage:
-                        use = protocol.usage(out.prompt_tokens, out.completion_tokens)
-                        await sse.send(protocol.usage_chunk(rid, state.model_name, created, use))
-        except EngineError as exc:
-            await sse.send(APIError(str(exc), status=500, code="engine_error").body())
-        except Exception:
-            # The 200 headers are out: a 500 response is no longer possible, so the stream
-            # itself must end, with an error event and [DONE], or the client waits forever.
-            log.exception("request %s failed mid-stream", rid)
-            await sse.send(APIError("internal server error", status=500).body())
-        await sse.done()
-    return sse.response
+def _call_deltas(calls: list[ToolCall]) -> list[dict]:
+    deltas = []
+    for index, call in enumerate(calls):
+        deltas.append({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                                       "function": {"name": call.name, "arguments": ""}}]})
+        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
+    return deltas
+
+
+def _has_calls(deltas: list[dict]) -> bool:
+    return any("tool_calls" in d for d in deltas)
+
+
+def _usage(choices: list[generation.Choice]) -> dict:
+    # The prompt is counted once, however many choices share it (as OpenAI counts it).
+    return responses.usage(choices[0].prompt_tokens, sum(c.completion_tokens for c in choices))

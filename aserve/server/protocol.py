@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from aserve.server.errors import APIError
 
 MAX_STOP_STRINGS = 4
+MAX_N = 16  # choices per request
+MAX_LOGPROBS = 20  # top alternatives per token, OpenAI's limit for chat
 
 
 class _Lenient(BaseModel):
@@ -22,10 +24,23 @@ class TextPart(_Lenient):
     text: str
 
 
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(_Lenient):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def text(self, index: int) -> str:
         """The content as one string; `index` is this message's place, for error messages."""
@@ -42,13 +57,40 @@ class ChatMessage(_Lenient):
         return "\n".join(texts)
 
 
+class FunctionDef(_Lenient):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class StreamOptions(_Lenient):
     include_usage: bool | None = None
 
 
-class ChatCompletionRequest(_Lenient):
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class _GenerationRequest(_Lenient):
+    """The fields the chat and completions endpoints share."""
+
     model: str | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     temperature: Annotated[float | None, Field(ge=0)] = None
@@ -56,10 +98,17 @@ class ChatCompletionRequest(_Lenient):
     top_k: Annotated[int | None, Field(ge=-1)] = None  # vLLM extension; -1 or 0: off
     seed: int | None = None
     max_tokens: Annotated[int | None, Field(ge=1)] = None
-    max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
     stop: str | list[str] | None = None
-    n: Annotated[int | None, Field(ge=1)] = None
+    n: Annotated[int | None, Field(ge=1, le=MAX_N)] = None
+    presence_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
+    frequency_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
+    repetition_penalty: Annotated[float | None, Field(gt=0, le=10)] = None  # vLLM extension
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (as text) -> bias
+    min_tokens: Annotated[int | None, Field(ge=0)] = None  # vLLM extension
     ignore_eos: bool | None = None  # vLLM extension: generate max_tokens tokens, for benchmarks
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # vLLM extension
+    response_format: ResponseFormat | None = None
+    user: str | None = None  # accepted and ignored, as by vLLM
 
     @field_validator("stop")
     @classmethod
@@ -73,14 +122,87 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError("stop sequences must not be empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        return bias
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; the model may call several tools either way
+
+
+class CompletionRequest(_GenerationRequest):
+    # A string, a list of strings, a list of token ids, or a list of lists of token ids.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = None
+    logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
+    suffix: str | None = None
+    best_of: Annotated[int | None, Field(ge=1)] = None
+
+
+class TokenizeRequest(_Lenient):
+    """vLLM's /tokenize: either a prompt or chat messages."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
+    request = _validate(ChatCompletionRequest, _object(body))
+    if request.top_logprobs and not request.logprobs:
+        raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+    if isinstance(request.tool_choice, NamedToolChoice):
+        names = [t.function.name for t in request.tools or ()]
+        if request.tool_choice.function.name not in names:
+            raise APIError(f"tool_choice names the function {request.tool_choice.function.name!r}, "
+                           f"which is not among the tools ({', '.join(names) or 'none given'})", param="tool_choice")
+    elif request.tool_choice == "required" and not request.tools:
+        raise APIError('tool_choice "required" needs tools', param="tool_choice")
+    if request.tools and request.response_format and request.response_format.type != "text":
+        raise APIError("response_format cannot be combined with tools", param="response_format")
+    return request
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    request = _validate(CompletionRequest, _object(body))
+    if request.suffix:
+        raise APIError("suffix is not supported: this server completes text only after the prompt", param="suffix")
+    if request.best_of not in (None, request.n or 1):
+        raise APIError("best_of must equal n: this server returns every choice it generates", param="best_of")
+    prompt = request.prompt
+    if prompt == [] or prompt == "" or (isinstance(prompt, list) and any(p in ("", []) for p in prompt)):
+        raise APIError("prompt must not be empty", param="prompt")
+    return request
+
+
+def parse_request(model: type[BaseModel], body: Any) -> Any:
+    return _validate(model, _object(body))
+
+
+def _object(body: Any) -> dict:
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
-    request = _validate(ChatCompletionRequest, body)
-    if request.n not in (None, 1):
-        raise APIError("only n=1 is supported", param="n")
-    return request
+    return body
 
 
 def _validate(model: type[BaseModel], data: Any, prefix: str = "") -> Any:
@@ -105,66 +227,3 @@ def _param_name(loc: tuple, prefix: str) -> str:
         elif part not in _UNION_TAGS and "[" not in part:  # skip pydantic's labels for union members
             name += f".{part}" if name else part
     return name
-
-
-# ---- responses ----
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def chat_completion(rid: str, model: str, created: int, text: str, finish_reason: str, use: dict) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": use,
-    }
-
-
-def chat_chunk(
-    rid: str, model: str, created: int, delta: dict, finish_reason: str | None, with_usage: bool
-) -> dict:
-    chunk: dict[str, Any] = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
-    if with_usage:
-        chunk["usage"] = None  # the spec: every chunk carries usage: null when the final one carries it
-    return chunk
-
-
-def usage_chunk(rid: str, model: str, created: int, use: dict) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": use}
-
-
-def model_list(model_id: str, max_model_len: int, created: int) -> dict:
-    return {"object": "list", "data": [model_card(model_id, max_model_len, created)]}
-
-
-def model_card(model_id: str, max_model_len: int, created: int) -> dict:
-    # max_model_len is a vLLM extension field; clients use it to size prompts.
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": created,
-        "owned_by": "aserve",
-        "max_model_len": max_model_len,
-    }

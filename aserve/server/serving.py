@@ -4,12 +4,18 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 from aiohttp import web
 
 from aserve.engine.engine_loop import EngineLoop
+from aserve.engine.guided import GuidedDecoding
 from aserve.server.errors import APIError
+from aserve.server.logprobs import TokenText
+from aserve.server.tool_parsers import ToolParser, get_tool_parser
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -20,22 +26,50 @@ class ServingState:
     tokenizer: Any  # a transformers tokenizer: chat template + encode
     model_name: str
     max_model_len: int
+    guided: GuidedDecoding
+    vocab_size: int  # the model's logits width: valid token ids are below it
+    # Sampling defaults from the model's generation_config.json (temperature, top_p, top_k,
+    # repetition_penalty, max_tokens), used where a request sets none, as vLLM does.
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    tool_parser: ToolParser = field(default_factory=lambda: get_tool_parser("hermes"))
     # Templates and tokenization of long prompts take milliseconds: keep them off the event loop.
     tokenize_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-tokenize"))
     engine_task: asyncio.Task | None = None
     created: int = field(default_factory=lambda: int(time.time()))  # the model card's "created"
+    token_text: TokenText = field(init=False)
 
-    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.tokenize_pool, self._encode_chat, messages)
+    def __post_init__(self) -> None:
+        self.token_text = TokenText(self.tokenizer)
 
-    def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    async def _in_tokenize_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn, *args)
+
+    async def compile_grammar(self, response_format: dict) -> Any:
+        try:
+            return await self._in_tokenize_thread(self.guided.compile, response_format)
+        except ValueError as exc:
+            raise APIError(f"response_format: {exc}", param="response_format") from None
+
+    async def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self._in_tokenize_thread(
+            lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    async def decode(self, ids: list[int]) -> str:
+        return await self._in_tokenize_thread(self.tokenizer.decode, ids)
+
+    async def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+                          add_generation_prompt: bool = True) -> list[int]:
+        return await self._in_tokenize_thread(self._encode_chat, messages, tools, add_generation_prompt)
+
+    def _encode_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None,
+                     add_generation_prompt: bool) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError("this model has no chat template; the chat endpoint cannot format messages",
                            code="chat_template_missing")
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # templates raise jinja errors for histories they reject
             raise APIError(f"the chat template rejected these messages: {exc}", param="messages") from None
         # The template already wrote any BOS it wants; encoding must not add a second one.

@@ -1,0 +1,113 @@
+"""POST /v1/completions: the legacy text-completion endpoint, as OpenAI and vLLM serve it.
+
+`prompt` is a string, a list of strings, a list of token ids or a list of lists of them;
+each prompt gets n choices, numbered prompt-major. `echo` puts the prompt in front of the
+text, and with `logprobs` the prompt's tokens get logprobs too (the first one null: nothing
+predicts it), which needs the whole prompt computed, so such a request skips the prefix cache.
+"""
+
+import time
+import uuid
+from contextlib import aclosing
+
+from aiohttp import web
+
+from aserve.engine.engine_loop import EngineError
+from aserve.server import generation, protocol, responses
+from aserve.server.chat import read_json
+from aserve.server.errors import APIError, json_response
+from aserve.server.logprobs import completion_logprobs
+from aserve.server.serving import ServingState
+from aserve.server.sse import SSEWriter
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for this endpoint
+
+
+async def prompt_ids(state: ServingState, prompt: str | list) -> list[list[int]]:
+    prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+    ids = [await state.encode_prompt(p) if isinstance(p, str) else p for p in prompts]
+    for i, tokens in enumerate(ids):
+        if bad := [t for t in tokens if t >= state.vocab_size]:
+            raise APIError(f"prompt: token id {bad[0]} is out of range; the vocabulary has {state.vocab_size} tokens",
+                           param="prompt" if len(ids) == 1 else f"prompt[{i}]")
+    return ids
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state: ServingState = request.app[ServingState.KEY]
+    req = protocol.parse_completion_request(await read_json(request))
+    state.check_model(req.model)
+    prompts = await prompt_ids(state, req.prompt)
+    grammar = await generation.compile_response_format(state, req.response_format)
+    echo_logprobs = req.logprobs if req.echo else None
+    params = generation.sampling_params(req, max(map(len, prompts)), state,
+                                        max_tokens=req.max_tokens or DEFAULT_MAX_TOKENS,
+                                        logprobs=req.logprobs, prompt_logprobs=echo_logprobs)
+    n = req.n or 1
+    echoes = [await state.decode(p) for p in prompts] if req.echo else None
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    outputs = generation.start(state, rid, prompts, params, n, grammar)
+    reply = _Reply(state, req, rid, int(time.time()), prompts, echoes, n)
+    if req.stream:
+        return await reply.stream(request, outputs)
+    return json_response(reply.complete(await generation.collect(outputs, n * len(prompts))))
+
+
+class _Reply:
+    def __init__(self, state: ServingState, req: protocol.CompletionRequest, rid: str, created: int,
+                 prompts: list[list[int]], echoes: list[str] | None, n: int) -> None:
+        self.state, self.req, self.rid, self.created = state, req, rid, created
+        self.prompts, self.echoes, self.n = prompts, echoes, n
+        self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+
+    def _echo(self, index: int) -> str:
+        return self.echoes[index // self.n] if self.echoes is not None else ""
+
+    def _logprobs(self, index: int, choice: generation.Choice, offset: int, first: bool) -> dict | None:
+        """Logprobs of what `choice` holds: its new tokens, and on the first output of an
+        echoed choice the prompt's tokens before them."""
+        if self.req.logprobs is None:
+            return None
+        tokens, entries = [e.token for e in choice.logprobs], list(choice.logprobs)
+        if first and self.echoes is not None:
+            prompt = self.prompts[index // self.n]
+            tokens, entries = prompt + tokens, (choice.prompt_logprobs or [None] * len(prompt)) + entries
+        return completion_logprobs(tokens, entries, self.state.token_text, offset)
+
+    def complete(self, choices: list[generation.Choice]) -> dict:
+        body = [responses.completion_choice(c.index, self._echo(c.index) + c.text, c.finish_reason,
+                                            self._logprobs(c.index, c, 0, first=True)) for c in choices]
+        return responses.completion(self.rid, self.state.model_name, self.created, body, _usage(choices, self.n))
+
+    async def stream(self, request: web.Request, outputs) -> web.StreamResponse:
+        sse = SSEWriter(request)
+        choices = [generation.Choice(i) for i in range(self.n * len(self.prompts))]
+        offsets = [0] * len(choices)  # text_offset of each choice's next token
+        async with aclosing(outputs):
+            await sse.start()
+            try:
+                async for i, out in outputs:
+                    first = choices[i].completion_tokens == 0 and not choices[i].text
+                    piece = generation.Choice(i)
+                    piece.add(out)
+                    choices[i].add(out)
+                    text = (self._echo(i) if first else "") + out.text
+                    logprobs = self._logprobs(i, piece, offsets[i], first)
+                    if logprobs is not None:
+                        offsets[i] += sum(map(len, logprobs["tokens"]))
+                    if text or logprobs or out.finish_reason:
+                        choice = responses.completion_choice(i, text, out.finish_reason, logprobs)
+                        await sse.send(responses.completion(self.rid, self.state.model_name, self.created,
+                                                            [choice], None))
+                if self.include_usage:
+                    await sse.send(responses.usage_chunk(self.rid, self.state.model_name, self.created,
+                                                         _usage(choices, self.n), "text_completion"))
+            except EngineError as exc:
+                await sse.send(APIError(str(exc), status=500, code="engine_error").body())
+            await sse.done()
+        return sse.response
+
+
+def _usage(choices: list[generation.Choice], n: int) -> dict:
+    prompt_tokens = sum(c.prompt_tokens for c in choices[::n])  # each prompt once, however many choices
+    return responses.usage(prompt_tokens, sum(c.completion_tokens for c in choices))

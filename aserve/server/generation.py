@@ -1,0 +1,163 @@
+"""What the chat and completions handlers share: request fields into SamplingParams, and
+running a request's choices (n per prompt) in the engine as one merged stream.
+
+The choices of one prompt are queued together, the first one first, and the others `follow` it:
+they wait for its prompt to be computed and copy its KV, so the prompt is prefilled once.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from aserve.engine.engine_loop import EngineError, GenerationRequest, RequestOutput
+from aserve.engine.sampler import TokenLogprobs
+from aserve.engine.sequence import SamplingParams
+from aserve.server import protocol
+from aserve.server.errors import APIError
+from aserve.server.serving import ServingState
+
+
+def sampling_params(req: protocol._GenerationRequest, prompt_len: int, state: ServingState, *,
+                    max_tokens: int | None, logprobs: int | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    """`max_tokens`: what the request asked for (None: the default, else the room left)."""
+    room = state.max_model_len - prompt_len
+    defaults = state.generation_defaults
+    if max_tokens is None:
+        max_tokens = defaults.get("max_tokens")
+        max_tokens = min(max_tokens, room) if max_tokens is not None and room >= 1 else None
+    if room < 1 or (max_tokens is not None and max_tokens > room):
+        asked = max_tokens or 1
+        raise APIError(
+            f"this model's maximum context length is {state.max_model_len} tokens, but you requested "
+            f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} in the completion); "
+            "shorten the prompt or lower max_tokens",
+            param="messages" if isinstance(req, protocol.ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    vocab = state.vocab_size
+    bias = tuple((int(k), v) for k, v in (req.logit_bias or {}).items())
+    for ids, name in (([t for t, _ in bias], "logit_bias"), (req.stop_token_ids or [], "stop_token_ids")):
+        if bad := [t for t in ids if t >= vocab]:
+            raise APIError(f"{name}: token id {bad[0]} is out of range; the vocabulary has {vocab} tokens", param=name)
+
+    def pick(value: Any, key: str, fallback: Any) -> Any:
+        # The request wins, then the model's generation_config.json, then OpenAI's default.
+        return value if value is not None else defaults.get(key, fallback)
+
+    return SamplingParams(
+        max_tokens=max_tokens or room,  # omitted: the room left in the context
+        temperature=pick(req.temperature, "temperature", 1.0),
+        top_p=pick(req.top_p, "top_p", 1.0),
+        top_k=max(pick(req.top_k, "top_k", 0), 0),
+        seed=req.seed,
+        stop=tuple(req.stop or ()),
+        ignore_eos=bool(req.ignore_eos),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        min_tokens=req.min_tokens or 0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=pick(req.repetition_penalty, "repetition_penalty", 1.0),
+        logit_bias=bias,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+
+
+async def compile_response_format(state: ServingState, response_format: Any) -> Any:
+    """The compiled grammar for a JSON response_format (None for text or none), as a 400 if invalid."""
+    if response_format is None or response_format.type == "text":
+        return None
+    return await state.compile_grammar(response_format.model_dump(exclude_none=True))
+
+
+@dataclass
+class Choice:
+    """One choice's result, gathered from its outputs."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.finish_reason = out.finish_reason
+        self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
+
+
+def start(state: ServingState, rid: str, prompts: Sequence[list[int]], params: SamplingParams, n: int,
+          grammar: Any = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Queues n choices per prompt (choice index = prompt index * n + j, as OpenAI numbers them)
+    and returns their outputs as one stream of (index, output)."""
+    state.check_engine()
+    streams = []
+    for p, prompt_ids in enumerate(prompts):
+        leader = None
+        for j in range(n):
+            index = p * n + j
+            seed = None if params.seed is None else params.seed + j  # one seed, n different choices
+            request = GenerationRequest(
+                f"{rid}-{index}", prompt_ids, _with_seed(params, seed),
+                guide=state.guided.guide(grammar) if grammar is not None else None, follows=leader)
+            leader = leader or request.request_id
+            streams.append(state.engine.generate(request))
+    return _merge(streams)
+
+
+def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+    return params if seed == params.seed else replace(params, seed=seed)
+
+
+async def collect(outputs: AsyncIterator[tuple[int, RequestOutput]], count: int) -> list[Choice]:
+    choices = [Choice(i) for i in range(count)]
+    try:
+        async with aclosing(outputs):
+            async for index, out in outputs:
+                choices[index].add(out)
+    except EngineError as exc:
+        raise APIError(str(exc), status=500, code="engine_error") from None
+    return choices
+
+
+_END = object()
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Every output of every stream as it comes. Closing this generator (a client gone, an
+    error) cancels the pumps, and each stream's own cleanup aborts its request in the engine."""
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async with aclosing(stream):
+                async for out in stream:
+                    queue.put_nowait((index, out))
+        except Exception as exc:  # handed to the consumer, which raises it
+            queue.put_nowait((index, exc))
+        queue.put_nowait((index, _END))
+
+    # Tasks start in creation order, so each prompt's first choice is queued before its followers.
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is _END:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

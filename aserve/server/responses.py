@@ -1,0 +1,68 @@
+"""The response objects we send, shaped as OpenAI's (checked against its spec in tests)."""
+
+from typing import Any
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_completion(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": use}
+
+
+def chat_choice(index: int, content: str | None, finish_reason: str, logprobs: dict | None = None,
+                tool_calls: list[dict] | None = None) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None,
+               with_usage: bool, logprobs: dict | None = None) -> dict:
+    chunk: dict[str, Any] = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+    }
+    if with_usage:
+        chunk["usage"] = None  # the spec: every chunk carries usage: null when the final one carries it
+    return chunk
+
+
+def completion(rid: str, model: str, created: int, choices: list[dict], use: dict | None) -> dict:
+    """A text_completion: the whole response, or one stream chunk (the same shape, as OpenAI sends)."""
+    body = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+    if use is not None:
+        body["usage"] = use
+    return body
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def usage_chunk(rid: str, model: str, created: int, use: dict, obj: str = "chat.completion.chunk") -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use}
+
+
+def model_list(model_id: str, max_model_len: int, created: int) -> dict:
+    return {"object": "list", "data": [model_card(model_id, max_model_len, created)]}
+
+
+def model_card(model_id: str, max_model_len: int, created: int) -> dict:
+    # max_model_len is a vLLM extension field; clients use it to size prompts.
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "aserve",
+        "max_model_len": max_model_len,
+    }
