@@ -155,8 +155,9 @@ def _payload(messages: list[dict], *, stream: bool, max_tokens: int, **extra) ->
     return {"messages": messages, "temperature": 0, "max_tokens": max_tokens, "stream": stream, **extra}
 
 
-async def _sse_events(http: aiohttp.ClientSession, url: str, payload: dict) -> tuple[list[dict], bool]:
-    """POSTs a streaming chat request with aiohttp-sse-client; returns (parsed chunks, saw [DONE])."""
+async def _sse_events(http: aiohttp.ClientSession, url: str, payload: dict,
+                      path: str = "/v1/chat/completions") -> tuple[list[dict], bool]:
+    """POSTs a streaming request with aiohttp-sse-client; returns (parsed chunks, saw [DONE])."""
     es: EventSource | None = None
 
     def on_error() -> None:
@@ -166,7 +167,7 @@ async def _sse_events(http: aiohttp.ClientSession, url: str, payload: dict) -> t
             raise AssertionError("the stream ended before 'data: [DONE]'")
 
     chunks: list[dict] = []
-    es = EventSource(url + "/v1/chat/completions", option={"method": "POST"}, session=http, json=payload,
+    es = EventSource(url + path, option={"method": "POST"}, session=http, json=payload,
                      max_connect_retry=0, reconnection_time=timedelta(0), on_error=on_error, headers={})
     async with es:
         async for event in es:
@@ -387,3 +388,124 @@ async def test_sigterm_with_a_stream_in_flight(http: aiohttp.ClientSession) -> N
     last = orjson.loads(data[-2])
     assert "shutting down" in last["error"]["message"], last
     assert elapsed < grace + 3.0, f"took {elapsed:.1f} s to stop with shutdown_timeout {grace}"
+
+
+# ---------------------------------------------------------------------------
+# API completeness on the real model (issue 4)
+# ---------------------------------------------------------------------------
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                           "city": {"type": "string", "maxLength": 20}},
+          "required": ["name", "age", "city"], "additionalProperties": False}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+@pytest.mark.e2e
+async def test_guided_json_schema_twenty_requests_all_validate(server: ServerProcess,
+                                                               http: aiohttp.ClientSession) -> None:
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    messages = [{"role": "user", "content": "Invent a person. Reply in JSON with name, age and city."}]
+
+    async def one(seed: int) -> dict:
+        body = {"messages": messages, "response_format": fmt, "max_tokens": 120, "temperature": 0.8, "seed": seed}
+        async with http.post(server.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+    async with asyncio.timeout(4 * REQUEST_TIMEOUT_S):
+        results = await asyncio.gather(*(one(seed) for seed in range(20)))
+    for body in results:
+        assert body["choices"][0]["finish_reason"] == "stop"
+        jsonschema.validate(orjson.loads(body["choices"][0]["message"]["content"]), PERSON)
+    assert len({b["choices"][0]["message"]["content"] for b in results}) > 1
+
+
+@pytest.mark.e2e
+def test_openai_sdk_completions_echo_and_logprobs(server: ServerProcess) -> None:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0,
+                       timeout=REQUEST_TIMEOUT_S) as client:
+        resp = client.completions.create(model=server.model_name, prompt="The capital of France is",
+                                         max_tokens=8, temperature=0, logprobs=2, echo=True, user="u1")
+    choice = resp.choices[0]
+    assert resp.object == "text_completion"
+    assert choice.text.startswith("The capital of France is") and "Paris" in choice.text
+    lp = choice.logprobs
+    assert len(lp.tokens) == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
+
+
+@pytest.mark.e2e
+async def test_openai_sdk_async_completions_stream_with_n(server: ServerProcess) -> None:
+    async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0,
+                                  timeout=REQUEST_TIMEOUT_S) as client:
+        stream = await client.completions.create(model=server.model_name, prompt=["Once upon a time", "1, 2, 3,"],
+                                                 n=2, max_tokens=6, temperature=0.9, seed=7, stream=True)
+        texts: dict[int, str] = {}
+        async for chunk in stream:
+            for c in chunk.choices:
+                texts[c.index] = texts.get(c.index, "") + c.text
+    assert sorted(texts) == [0, 1, 2, 3] and all(texts.values())
+
+
+@pytest.mark.e2e
+def test_openai_sdk_chat_n_logprobs_and_named_tool(server: ServerProcess) -> None:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0,
+                       timeout=REQUEST_TIMEOUT_S) as client:
+        resp = client.chat.completions.create(model=server.model_name, messages=CAPITAL, n=2, max_tokens=10,
+                                              temperature=0, logprobs=True, top_logprobs=3)
+        assert [c.index for c in resp.choices] == [0, 1]
+        assert resp.choices[0].message.content == resp.choices[1].message.content  # greedy
+        entries = resp.choices[0].logprobs.content
+        assert "".join(e.token for e in entries) == resp.choices[0].message.content
+        assert all(len(e.top_logprobs) == 3 for e in entries)
+
+        weather = [{"role": "user", "content": "What is the weather in Paris?"}]
+        resp = client.chat.completions.create(
+            model=server.model_name, messages=weather, tools=[WEATHER_TOOL], max_tokens=40,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = resp.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and "city" in orjson.loads(call.function.arguments)
+    assert resp.choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.e2e
+async def test_openai_sdk_async_stream_of_required_tool_call(server: ServerProcess) -> None:
+    weather = [{"role": "user", "content": "What is the weather in Paris?"}]
+    async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0,
+                                  timeout=REQUEST_TIMEOUT_S) as client:
+        stream = await client.chat.completions.create(model=server.model_name, messages=weather,
+                                                      tools=[WEATHER_TOOL], tool_choice="required", max_tokens=60,
+                                                      temperature=0, stream=True)
+        name, arguments, finish = "", "", None
+        async for chunk in stream:
+            for call in chunk.choices[0].delta.tool_calls or []:
+                name += call.function.name or ""
+                arguments += call.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+    assert name == "get_weather" and "city" in orjson.loads(arguments)
+    assert finish == "tool_calls"
+
+
+@pytest.mark.e2e
+async def test_sse_client_completions_stream(server: ServerProcess, http: aiohttp.ClientSession) -> None:
+    payload = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "stream": True}
+    async with asyncio.timeout(REQUEST_TIMEOUT_S):
+        chunks, done = await _sse_events(http, server.url, payload, path="/v1/completions")
+    assert done and all(c["object"] == "text_completion" for c in chunks)
+    assert "Paris" in "".join(c["choices"][0]["text"] for c in chunks)
+
+
+@pytest.mark.e2e
+async def test_tokenize_detokenize_round_trip_on_the_real_tokenizer(server: ServerProcess,
+                                                                   http: aiohttp.ClientSession) -> None:
+    async with http.post(server.url + "/tokenize", json={"messages": CAPITAL}) as resp:
+        tokens = (await resp.json())["tokens"]
+    async with http.post(server.url + "/detokenize", json={"tokens": tokens}) as resp:
+        text = (await resp.json())["prompt"]
+    assert text.endswith("What is the capital of France?<|im_end|>\n<|im_start|>assistant\n")

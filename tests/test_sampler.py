@@ -1,5 +1,6 @@
 """Batched sampling: each row follows its own parameters."""
 
+import pytest
 import torch
 
 from aserve.engine.sampler import sample
@@ -74,3 +75,82 @@ def test_greedy_and_sampled_rows_mix_in_one_batch():
     logits = torch.randn(2, VOCAB, generator=_gen(6))
     tokens = _sample(logits, [_params(temperature=0), _params(temperature=1.0, top_k=1)], [None, None], _gen())
     assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+def _one(logits: torch.Tensor, output: list[int] = (), prompt: list[int] = (1,), eos=(), **kw):
+    seq = Sequence("s", list(prompt), SamplingParams(max_tokens=9, temperature=0, **kw), output_ids=list(output))
+    return sample(logits.unsqueeze(0), [seq], _gen(), eos), seq
+
+
+def test_frequency_penalty_grows_with_each_occurrence():
+    logits = torch.zeros(VOCAB)
+    logits[3], logits[4] = 3.0, 2.0
+    assert _one(logits, [3], frequency_penalty=0.9)[0].tokens.item() == 3  # 3 - 0.9 > 2
+    assert _one(logits, [3, 3], frequency_penalty=0.9)[0].tokens.item() == 4  # 3 - 1.8 < 2
+
+
+def test_presence_penalty_counts_a_token_once():
+    logits = torch.zeros(VOCAB)
+    logits[3], logits[4] = 3.0, 2.0
+    assert _one(logits, [3, 3, 3], presence_penalty=0.9)[0].tokens.item() == 3
+    assert _one(logits, [3], presence_penalty=1.5)[0].tokens.item() == 4
+
+
+def test_repetition_penalty_covers_prompt_tokens_and_divides_positive_logits():
+    logits = torch.zeros(VOCAB)
+    logits[3], logits[4] = 3.0, 2.0
+    assert _one(logits, prompt=[3], repetition_penalty=2.0)[0].tokens.item() == 4  # 3 / 2 < 2
+    assert _one(logits, prompt=[5], repetition_penalty=2.0)[0].tokens.item() == 3
+
+
+def test_repetition_penalty_multiplies_negative_logits():
+    logits = torch.full((VOCAB,), -1.0)
+    logits[3] = -0.5
+    assert _one(logits, prompt=[5], repetition_penalty=3.0)[0].tokens.item() == 3
+    assert _one(logits, prompt=[3], repetition_penalty=3.0)[0].tokens.item() != 3  # -1.5 < -1
+
+
+def test_logit_bias_is_added():
+    logits = torch.zeros(VOCAB)
+    logits[3] = 3.0
+    assert _one(logits, logit_bias=((7, 3.5),))[0].tokens.item() == 7
+
+
+def test_min_tokens_masks_eos_and_stop_token_ids():
+    logits = torch.zeros(VOCAB)
+    logits[2], logits[6], logits[4] = 9.0, 8.0, 1.0
+    assert _one(logits, [1], eos=(2,), min_tokens=2, stop_token_ids=(6,))[0].tokens.item() == 4
+    assert _one(logits, [1, 1], eos=(2,), min_tokens=2, stop_token_ids=(6,))[0].tokens.item() == 2
+
+
+def test_logprobs_are_the_raw_distributions():
+    logits = torch.randn(VOCAB, generator=_gen(3))
+    out, seq = _one(logits, logprobs=3, logit_bias=((0, 50.0),))
+    tokens, logprobs = out.to_host([seq])
+    expected = torch.log_softmax(logits, -1)
+    assert tokens == [0]  # the bias decides the token, not the reported logprobs
+    assert logprobs[0].logprob == pytest.approx(expected[0].item(), abs=1e-5)
+    top = expected.topk(3)
+    assert [t for t, _ in logprobs[0].top] == top.indices.tolist()
+    assert [v for _, v in logprobs[0].top] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_a_finished_grammar_wins_over_min_tokens():
+    class Done:
+        is_terminated = True
+
+    logits = torch.zeros(VOCAB)
+    logits[5] = 4.0
+    seq = Sequence("s", [1], SamplingParams(max_tokens=9, temperature=0, min_tokens=5), guide=None)
+    seq.guide = Done()
+    import aserve.engine.guided as guided
+
+    masked = logits.clone()
+    masked[:] = float("-inf")
+    masked[2] = 0.0
+    original = guided.apply_masks
+    try:
+        guided.apply_masks = lambda lg, guides: lg.copy_(masked.expand_as(lg))  # only EOS allowed
+        assert sample(logits.unsqueeze(0), [seq], _gen(), (2,)).tokens.item() == 2
+    finally:
+        guided.apply_masks = original

@@ -171,3 +171,29 @@ def test_a_short_prompt_is_not_capped_while_others_decode():
     s.add(b)
     scheduled, _ = _step(s)
     assert [(i.seq.request_id, i.num_tokens) for i in scheduled] == [("a", 1), ("b", 12)]
+
+
+def test_a_following_choice_waits_for_its_leaders_prompt_then_copies_it():
+    shape = (1, 3, 1, 64, 4)
+    s = Scheduler(KVCache(torch.zeros(shape), torch.zeros(shape)), budget := 4, [EOS])
+    leader = _seq("a", prompt_len=8)
+    follower = Sequence("b", list(leader.prompt_ids), leader.params, wait_for=leader)
+    other = Sequence("c", [90, 91], leader.params)  # nothing in common with the leader's prompt
+    s.add(leader)
+    s.add(follower)
+    s.add(other)
+    scheduled, _ = _step(s)  # the leader takes the whole budget; the follower may not start
+    assert [(i.seq.request_id, i.num_tokens) for i in scheduled] == [("a", budget)]
+    scheduled, _ = _step(s)  # the leader's last chunk, again the whole budget; the follower still waits
+    assert [i.seq.request_id for i in scheduled] == ["a"] and follower in s.waiting
+    scheduled, _ = _step(s)
+    assert [(i.seq.request_id, i.num_tokens) for i in scheduled] == [("a", 1), ("b", 1), ("c", 2)]
+    assert follower.num_cached_prompt == 7  # all but the last prompt token, copied from the leader's slot
+
+
+def test_stop_token_ids_finish_with_stop():
+    s = _scheduler()
+    seq = Sequence("a", [10, 11], SamplingParams(max_tokens=10, stop_token_ids=(7,)))
+    s.add(seq)
+    _step(s, token=7)
+    assert seq.status == SequenceStatus.FINISHED_STOPPED
