@@ -191,6 +191,12 @@ async def test_streamed_logprobs_match_non_stream(server, client):
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": [10**9]}, "prompt"),
+    ({"prompt": [5, -1]}, "prompt"),
+    ({"prompt": [[5], [10**9]]}, "prompt[1]"),
+    ({"prompt": "Hi", "logit_bias": {"-3": 1}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"1000000": 1}}, "logit_bias"),
+    ({"prompt": "Hi", "stop_token_ids": [10**9]}, "stop_token_ids"),
+    ({"prompt": "Hi", "response_format": {"type": "xml"}}, "response_format.type"),
     ({"prompt": "Hi", "best_of": 3}, "best_of"),
     ({"prompt": "Hi", "logprobs": 21}, "logprobs"),
     ({"prompt": 5}, "prompt"),
@@ -564,3 +570,22 @@ async def test_without_tools_the_same_text_stays_content(scripted, client):
     assert "<tool_call>" in text_of(body) and "tool_calls" not in body["choices"][0]["message"]
     assert body["choices"][0]["finish_reason"] == "stop"
 
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function.name"),
+    ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"n": 0}, "n"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": 5}]}, "messages[0].tool_call_id"),
+])
+async def test_bad_chat_fields_are_400(server, client, extra, param):
+    reply = await post(client, server.url, {"messages": HELLO, **extra})
+    assert reply.status == 400, reply.body
+    assert_valid("ErrorResponse", reply.body)
+    assert reply.body["error"]["param"] == param

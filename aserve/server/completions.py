@@ -27,7 +27,7 @@ async def prompt_ids(state: ServingState, prompt: str | list) -> list[list[int]]
     prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
     ids = [await state.encode_prompt(p) if isinstance(p, str) else p for p in prompts]
     for i, tokens in enumerate(ids):
-        if bad := [t for t in tokens if t >= state.vocab_size]:
+        if bad := [t for t in tokens if not 0 <= t < state.vocab_size]:
             raise APIError(f"prompt: token id {bad[0]} is out of range; the vocabulary has {state.vocab_size} tokens",
                            param="prompt" if len(ids) == 1 else f"prompt[{i}]")
     return ids
