@@ -65,7 +65,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
 async def _serve(config: Config, state: "ServingState") -> None:
     from aserve.server.app import create_app, start_server
 
-    app = create_app(state, config.server.max_body_bytes)
+    app = create_app(state)
     runner = await start_server(app, config.server.host, config.server.port, config.server.shutdown_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -14,6 +14,13 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     shutdown_timeout: float = 5.0
     tool_parser: str = "hermes"  # how tool calls are read out of the model's text (tool_parsers.py)
+    api_key: str | None = None  # every API route requires "Authorization: Bearer KEY"; also $ASERVE_API_KEY
+    metrics_require_api_key: bool = False  # false: /metrics is open to scrapers even with an api_key
+    cors_allowed_origins: str | None = None  # comma-separated origins a browser may call from ("*": any); None: same-origin only
+    max_waiting_requests: int = 1024  # queued requests beyond this get 503 with Retry-After at once
+    max_messages: int = 2048  # messages per chat request
+    max_prompt_chars: int = 1_000_000  # characters of prompt text (messages or prompt) per request
+    log_requests_json: bool = False  # one JSON line per finished request on the aserve.requests logger
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,12 +6,13 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import tokenizers
 import torch
 
-from aserve.config import Config
+from aserve.config import Config, ServerConfig
 from aserve.engine.engine_loop import EngineLoop
 from aserve.engine.guided import GuidedDecoding
 from aserve.engine.kv_cache import KVCache
@@ -126,7 +127,15 @@ def build_state(config: Config) -> ServingState:
         log.info("sampling defaults from generation_config.json: %s", defaults)
     return ServingState(engine, hf_tokenizer, name, loaded.max_model_len,
                         GuidedDecoding(hf_tokenizer, loaded.args.vocab_size, eos), loaded.args.vocab_size, defaults,
-                        tool_parser=get_tool_parser(config.server.tool_parser))
+                        tool_parser=get_tool_parser(config.server.tool_parser), settings=server_settings(config))
+
+
+def server_settings(config: Config) -> ServerConfig:
+    """The [server] settings, with the API key taken from $ASERVE_API_KEY when not configured
+    (an environment variable keeps the secret out of config files and `ps` listings)."""
+    if config.server.api_key or not os.environ.get("ASERVE_API_KEY"):
+        return config.server
+    return replace(config.server, api_key=os.environ["ASERVE_API_KEY"])
 
 
 # generation_config.json key -> request field, the ones vLLM takes as defaults

@@ -64,7 +64,7 @@ async def serve(model_dir: Path, model_settings: dict[str, Any] | None = None,
         "server": {"max_body_bytes": MAX_BODY_BYTES, **server_settings},
     })
     state = build_state(config)
-    app = create_app(state, config.server.max_body_bytes)
+    app = create_app(state)
     runner = await start_server(app, "127.0.0.1", 0)
     try:
         yield Server(f"http://127.0.0.1:{runner.addresses[0][1]}", state)
@@ -180,6 +180,7 @@ async def post(client: aiohttp.ClientSession, url: str, body: Any, path: str = C
                **kwargs) -> Reply:
     data = body if isinstance(body, bytes | None) else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"} if data is not None else {}
+    headers.update(kwargs.pop("headers", None) or {})
     async with client.request(method, url + path, data=data, headers=headers, **kwargs) as resp:
         raw = await resp.read()
         try:

@@ -8,10 +8,11 @@ hands each new token to its request's own queue with put_nowait: it never awaits
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import tokenizers
 import torch
@@ -38,6 +39,7 @@ class GenerationRequest:
     # Another request with the same prompt (an earlier choice of the same n>1 request) whose KV
     # this one copies once it is computed, instead of prefilling the prompt again.
     follows: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +64,18 @@ class _Event:
     prompt_logprobs: list[TokenLogprobs] | None = None  # for some prompt tokens: one prefill chunk's
 
 
+class EngineObserver(Protocol):
+    """What the engine reports as it goes (metrics.Metrics), called on the event-loop thread."""
+
+    def on_admitted(self, queue_seconds: float, prompt_tokens: int) -> None: ...
+    def on_step(self, seconds: float, batch_size: int) -> None: ...
+    def on_token(self, first: bool, seconds: float) -> None: ...
+    def on_finished(self, finish_reason: str, e2e_seconds: float) -> None: ...
+
+
 class EngineLoop:
     def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer: tokenizers.Tokenizer,
-                 model_thread: ThreadPoolExecutor | None = None) -> None:
+                 model_thread: ThreadPoolExecutor | None = None, observer: EngineObserver | None = None) -> None:
         """`model_thread`: the one-worker executor that runs every forward; pass the one the
         model was loaded on (launch.py says why). Default: a new one."""
         self.scheduler = scheduler
@@ -76,6 +87,7 @@ class EngineLoop:
         self._aborted: set[str] = set()
         # One fixed thread runs every forward: model state (and CUDA graphs) may be thread-bound.
         self.model_thread = model_thread or ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-model")
+        self.observer = observer
         self.steps = 0
         self.healthy = True
 
@@ -125,6 +137,8 @@ class EngineLoop:
                         finish_reason = event.finish_reason
                         text += detok.finish()
                 done = finish_reason is not None
+                if done and self.observer is not None:
+                    self.observer.on_finished(finish_reason, time.monotonic() - request.arrival_time)
                 if text or done or logprobs:
                     yield RequestOutput(text, finish_reason, prompt_tokens, completion_tokens, logprobs,
                                         prompt_logprobs)
@@ -177,12 +191,17 @@ class EngineLoop:
                 if not scheduled:
                     await asyncio.sleep(0)
                     continue
+                if self.observer is not None:
+                    self._observe_admissions(scheduled)
+                started = time.monotonic()
                 try:
                     out = await loop.run_in_executor(self.model_thread, self.runner.run, scheduled)
                 except Exception:
                     log.exception("batched step failed; retrying its %d sequences one by one", len(scheduled))
                     out = await self._run_isolated(scheduled)
                 self.steps += 1
+                if self.observer is not None:
+                    self.observer.on_step(time.monotonic() - started, len(scheduled))
                 self._drop_aborted()
                 for item, prompt_logprobs in zip(scheduled, out.prompt_logprobs):
                     if prompt_logprobs and (queue := self._streams.get(item.seq.request_id)) is not None:
@@ -207,9 +226,18 @@ class EngineLoop:
         if request.params.seed is not None:
             generator = torch.Generator(self.runner.device).manual_seed(request.params.seed)
         seq = Sequence(rid, list(request.prompt_ids), request.params, generator=generator, guide=request.guide,
-                       wait_for=self._seqs.get(request.follows) if request.follows else None)
+                       wait_for=self._seqs.get(request.follows) if request.follows else None,
+                       arrival_time=request.arrival_time)
         self._seqs[rid] = seq
         self.scheduler.add(seq)
+
+    def _observe_admissions(self, scheduled: list[ScheduledSeq]) -> None:
+        now = time.monotonic()
+        for item in scheduled:
+            seq = item.seq
+            if seq.admitted_time is None:
+                seq.admitted_time = now
+                self.observer.on_admitted(now - seq.arrival_time, len(seq.prompt_ids) - seq.num_cached_prompt)
 
     def _drop_aborted(self) -> None:
         for rid in self._aborted:
@@ -239,6 +267,11 @@ class EngineLoop:
 
     def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         finish_reason = seq.finish_reason
+        if self.observer is not None:
+            now = time.monotonic()
+            first = seq.last_token_time is None
+            self.observer.on_token(first, now - (seq.arrival_time if first else seq.last_token_time))
+            seq.last_token_time = now
         if seq.status.finished:
             self._seqs.pop(seq.request_id, None)
         if (queue := self._streams.get(seq.request_id)) is not None:

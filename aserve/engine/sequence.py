@@ -70,6 +70,10 @@ class Sequence:
     # Admission waits until this sequence's prompt is computed, then copies its KV: the n choices
     # of one request prefill their shared prompt once.
     wait_for: "Sequence | None" = None
+    # time.monotonic() stamps, for metrics
+    arrival_time: float = 0.0
+    admitted_time: float | None = None
+    last_token_time: float | None = None
 
     @property
     def num_tokens(self) -> int:

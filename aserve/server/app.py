@@ -9,7 +9,9 @@ from aiohttp import web
 from aserve.server import protocol, responses
 from aserve.server.chat import chat_completions
 from aserve.server.completions import completions
-from aserve.server.errors import error_middleware, json_response
+from aserve.server.errors import ERROR_HOOK, error_middleware, json_response
+from aserve.server.metrics import CONTENT_TYPE
+from aserve.server.middleware import REQUEST_ID, add_request_id, api_key_middleware
 from aserve.server.serving import ServingState
 from aserve.server.tokenize import detokenize, tokenize
 
@@ -31,6 +33,12 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok" if ok else "unavailable", **state.engine.stats()}, status=200 if ok else 503)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[ServingState.KEY]
+    body = state.metrics.render(state.engine.stats())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
 async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
     state = app[ServingState.KEY]
     state.engine_task = asyncio.create_task(state.engine.run(), name="aserve-engine")
@@ -42,9 +50,15 @@ async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
     state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def create_app(state: ServingState, max_body_bytes: int) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
+def create_app(state: ServingState) -> web.Application:
+    settings = state.settings
+    middlewares = [error_middleware]
+    if settings.api_key:
+        middlewares.append(api_key_middleware(settings.api_key, settings.metrics_require_api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[ServingState.KEY] = state
+    app[ERROR_HOOK] = state.metrics.on_error
+    app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_engine_lifetime)
     app.add_routes([
         web.post("/v1/chat/completions", chat_completions),
@@ -55,8 +69,21 @@ def create_app(state: ServingState, max_body_bytes: int) -> web.Application:
         # `.+`: served names such as "org/model" hold a slash, which {model} alone would not match.
         web.get("/v1/models/{model:.+}", get_model),
         web.get("/health", health),
+        web.get("/metrics", metrics),
     ])
+    if origins := [o.strip() for o in (settings.cors_allowed_origins or "").split(",") if o.strip()]:
+        _allow_cors(app, origins)
     return app
+
+
+def _allow_cors(app: web.Application, origins: list[str]) -> None:
+    import aiohttp_cors
+
+    options = aiohttp_cors.ResourceOptions(allow_headers=("Authorization", "Content-Type", REQUEST_ID),
+                                           expose_headers=(REQUEST_ID,), allow_methods=("GET", "POST"), max_age=600)
+    cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(origins, options))
+    for route in list(app.router.routes()):
+        cors.add(route)
 
 
 async def start_server(app: web.Application, host: str, port: int, shutdown_timeout: float = 5.0) -> web.AppRunner:

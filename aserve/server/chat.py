@@ -68,6 +68,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state: ServingState = request.app[ServingState.KEY]
     req = protocol.parse_chat_request(await read_json(request))
     state.check_model(req.model)
+    limits = state.settings
+    if len(req.messages) > limits.max_messages:
+        raise APIError(f"too many messages: {len(req.messages)}, the limit is {limits.max_messages}", param="messages")
+    state.check_prompt_chars(sum(len(m.text(i)) for i, m in enumerate(req.messages)), "messages")
     messages, tools = chat_inputs(req, state.tokenizer.chat_template)
     prompt_ids = await state.encode_chat(messages, tools)
     schema = forced_tool_schema(req)
@@ -80,11 +84,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                                         logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     n = req.n or 1
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    outputs = generation.start(state, rid, [prompt_ids], params, n, grammar)
-    reply = _Reply(state, req, rid, int(time.time()))
-    if req.stream:
-        return await reply.stream(request, outputs, n)
-    return json_response(reply.complete(await generation.collect(outputs, n)))
+    with state.admit(n):
+        outputs = generation.start(state, rid, [prompt_ids], params, n, grammar)
+        reply = _Reply(state, req, rid, int(time.time()))
+        if req.stream:
+            return await reply.stream(request, outputs, n)
+        return json_response(reply.complete(await generation.collect(outputs, n)))
 
 
 class _Reply:

@@ -37,6 +37,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     state: ServingState = request.app[ServingState.KEY]
     req = protocol.parse_completion_request(await read_json(request))
     state.check_model(req.model)
+    texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
+    state.check_prompt_chars(sum(map(len, texts)), "prompt")
     prompts = await prompt_ids(state, req.prompt)
     grammar = await generation.compile_response_format(state, req.response_format)
     echo_logprobs = req.logprobs if req.echo else None
@@ -46,11 +48,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     n = req.n or 1
     echoes = [await state.decode(p) for p in prompts] if req.echo else None
     rid = f"cmpl-{uuid.uuid4().hex}"
-    outputs = generation.start(state, rid, prompts, params, n, grammar)
-    reply = _Reply(state, req, rid, int(time.time()), prompts, echoes, n)
-    if req.stream:
-        return await reply.stream(request, outputs)
-    return json_response(reply.complete(await generation.collect(outputs, n * len(prompts))))
+    with state.admit(n * len(prompts)):
+        outputs = generation.start(state, rid, prompts, params, n, grammar)
+        reply = _Reply(state, req, rid, int(time.time()), prompts, echoes, n)
+        if req.stream:
+            return await reply.stream(request, outputs)
+        return json_response(reply.complete(await generation.collect(outputs, n * len(prompts))))
 
 
 class _Reply:

@@ -4,7 +4,8 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
 
 from aiohttp import web
@@ -12,7 +13,9 @@ from aiohttp import web
 from aserve.engine.engine_loop import EngineLoop
 from aserve.engine.guided import GuidedDecoding
 from aserve.server.errors import APIError
+from aserve.config import ServerConfig
 from aserve.server.logprobs import TokenText
+from aserve.server.metrics import Metrics
 from aserve.server.tool_parsers import ToolParser, get_tool_parser
 
 T = TypeVar("T")
@@ -32,6 +35,9 @@ class ServingState:
     # repetition_penalty, max_tokens), used where a request sets none, as vLLM does.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     tool_parser: ToolParser = field(default_factory=lambda: get_tool_parser("hermes"))
+    settings: ServerConfig = field(default_factory=ServerConfig)
+    metrics: Metrics | None = None  # made in __post_init__ when not given
+    in_flight: int = 0  # sequences of requests between admission and their response's end
     # Templates and tokenization of long prompts take milliseconds: keep them off the event loop.
     tokenize_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-tokenize"))
@@ -41,6 +47,9 @@ class ServingState:
 
     def __post_init__(self) -> None:
         self.token_text = TokenText(self.tokenizer)
+        if self.metrics is None:
+            self.metrics = Metrics(self.model_name)
+        self.engine.observer = self.metrics
 
     async def _in_tokenize_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn, *args)
@@ -81,6 +90,29 @@ class ServingState:
     def check_engine(self) -> None:
         if not self.engine_alive():
             raise APIError("the engine is not running", status=503, code="engine_unavailable")
+
+    @contextmanager
+    def admit(self, sequences: int) -> Iterator[None]:
+        """Holds `sequences` places for a request's lifetime, or refuses it with a 503 at once
+        when more than max_waiting_requests would be waiting for a KV slot: queuing without
+        bound only turns overload into timeouts. Counted here, when the handler commits to
+        the request, because the engine sees a request only once its stream is first read."""
+        limit = self.settings.max_waiting_requests
+        # Every sequence past the KV slots waits for one, whether or not the engine has seen it yet.
+        if self.in_flight + sequences - self.engine.scheduler.kv_cache.num_slots > limit:
+            raise APIError(f"the server is busy: {limit} requests are already waiting; retry later",
+                           status=503, code="server_busy", headers={"Retry-After": "1"})
+        self.in_flight += sequences
+        try:
+            yield
+        finally:
+            self.in_flight -= sequences
+
+    def check_prompt_chars(self, chars: int, param: str) -> None:
+        # Checked before tokenizing: a huge prompt would hold the tokenize thread for seconds.
+        if chars > self.settings.max_prompt_chars:
+            raise APIError(f"the prompt is {chars} characters long; the limit is {self.settings.max_prompt_chars}",
+                           param=param, code="prompt_too_long")
 
     def check_model(self, model: str | None) -> None:
         # An omitted model means the one we serve, as vLLM does.

@@ -1,0 +1,76 @@
+"""Prometheus metrics, named like vLLM's under an `aserve:` prefix (README lists them).
+
+One registry per server (not prometheus_client's global one), so several servers in one
+process, as in the tests, keep their own counts. The engine reports through the
+EngineObserver methods below from the event-loop thread; gauges that describe the engine's
+state now (running, waiting, KV usage) are read from it at scrape time.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
+                    80.0, 160.0)
+_TOKEN_GAP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"labelnames": ["model_name"], "registry": self.registry}
+        self.running = Gauge("aserve:num_requests_running", "Requests in the running batch", **labels)
+        self.waiting = Gauge("aserve:num_requests_waiting", "Requests queued for a KV slot", **labels)
+        self.kv_usage = Gauge("aserve:kv_cache_usage_perc", "Fraction of KV-cache slots in use (0-1)", **labels)
+        self.prompt_tokens = Counter("aserve:prompt_tokens", "Prompt tokens admitted", **labels)
+        self.generation_tokens = Counter("aserve:generation_tokens", "Tokens generated", **labels)
+        self.success = Counter("aserve:request_success", "Requests that finished, by finish reason",
+                               labelnames=["model_name", "finished_reason"], registry=self.registry)
+        self.errors = Counter("aserve:request_errors", "Requests answered with an error, by error type and status",
+                              labelnames=["model_name", "error_type", "status"], registry=self.registry)
+        self.ttft = Histogram("aserve:time_to_first_token_seconds", "Arrival to first token",
+                              buckets=_LATENCY_BUCKETS, **labels)
+        self.itl = Histogram("aserve:inter_token_latency_seconds", "Gap between a request's successive tokens",
+                             buckets=_TOKEN_GAP_BUCKETS, **labels)
+        self.e2e = Histogram("aserve:e2e_request_latency_seconds", "Arrival to the last token",
+                             buckets=_LATENCY_BUCKETS, **labels)
+        self.queue = Histogram("aserve:request_queue_time_seconds", "Arrival to admission into the batch",
+                               buckets=_LATENCY_BUCKETS, **labels)
+        self.step = Histogram("aserve:engine_step_seconds", "Duration of one engine step (batched forward)",
+                              buckets=_TOKEN_GAP_BUCKETS, **labels)
+        self.batch = Histogram("aserve:engine_step_batch_size", "Sequences in one engine step",
+                               buckets=_BATCH_BUCKETS, **labels)
+        self._model = model_name
+
+    # ---- EngineObserver ----
+
+    def on_admitted(self, queue_seconds: float, prompt_tokens: int) -> None:
+        self.queue.labels(self._model).observe(queue_seconds)
+        self.prompt_tokens.labels(self._model).inc(prompt_tokens)
+
+    def on_step(self, seconds: float, batch_size: int) -> None:
+        self.step.labels(self._model).observe(seconds)
+        self.batch.labels(self._model).observe(batch_size)
+
+    def on_token(self, first: bool, seconds: float) -> None:
+        """`seconds`: since arrival for the first token, since the previous token otherwise."""
+        self.generation_tokens.labels(self._model).inc()
+        (self.ttft if first else self.itl).labels(self._model).observe(seconds)
+
+    def on_finished(self, finish_reason: str, e2e_seconds: float) -> None:
+        self.success.labels(self._model, finish_reason).inc()
+        self.e2e.labels(self._model).observe(e2e_seconds)
+
+    # ---- HTTP side ----
+
+    def on_error(self, error_type: str, status: int) -> None:
+        self.errors.labels(self._model, error_type, str(status)).inc()
+
+    def render(self, stats: dict[str, int]) -> bytes:
+        self.running.labels(self._model).set(stats["running"])
+        self.waiting.labels(self._model).set(stats["waiting"])
+        total = stats["kv_slots_total"]
+        self.kv_usage.labels(self._model).set((total - stats["kv_slots_free"]) / total if total else 0.0)
+        return generate_latest(self.registry)

@@ -1,0 +1,44 @@
+"""Request ids, API-key checks and CORS: what every route shares before its handler runs."""
+
+import hmac
+import re
+import uuid
+
+from aiohttp import web
+
+from aserve.server.errors import APIError
+
+REQUEST_ID = "X-Request-Id"
+_CLIENT_ID = re.compile(r"[\w\-.:/=+]{1,128}")  # an id we echo into headers and logs: no spaces, no control chars
+OPEN_PATHS = frozenset({"/health"})  # load balancers probe these without a key
+_ID_KEY = web.RequestKey("request_id", str)
+
+
+def request_id(request: web.Request) -> str:
+    """The client's X-Request-Id when it is a sane token, else a new one; fixed per request."""
+    if _ID_KEY not in request:
+        given = request.headers.get(REQUEST_ID, "")
+        request[_ID_KEY] = given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
+    return request[_ID_KEY]
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: runs before the headers of any response go out, streams included."""
+    response.headers[REQUEST_ID] = request_id(request)
+
+
+def api_key_middleware(api_key: str, protect_metrics: bool):
+    expected = f"Bearer {api_key}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler) -> web.StreamResponse:
+        open_path = request.path in OPEN_PATHS or (request.path == "/metrics" and not protect_metrics)
+        # Preflight requests carry no credentials by design (the CORS layer answers them).
+        if not open_path and request.method != "OPTIONS":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):  # constant time: no key guessing by timing
+                raise APIError("invalid or missing API key: send 'Authorization: Bearer <key>'", status=401,
+                               code="invalid_api_key")
+        return await handler(request)
+
+    return check

@@ -1,0 +1,227 @@
+"""Running aserve for real users: metrics, request ids, API keys, CORS, backpressure and
+input limits, over raw HTTP against the real app on the tiny random-weight Llama."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from openapi_schema import assert_valid
+from prometheus_client.parser import text_string_to_metric_families
+from test_api import HELLO, Server, chat, post, serve, slow_engine
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+KEY = "sk-test-1234"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server(tiny_llama_dir) -> AsyncIterator[Server]:
+    async with serve(tiny_llama_dir, max_messages=3, max_prompt_chars=200) as s:
+        yield s
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def keyed(tiny_llama_dir) -> AsyncIterator[Server]:
+    async with serve(tiny_llama_dir, api_key=KEY, cors_allowed_origins="https://chat.example") as s:
+        yield s
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def scrape(client: aiohttp.ClientSession, server: Server, headers: dict | None = None) -> dict[str, float]:
+    async with client.get(server.url + "/metrics", headers=headers or {}) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    return {f"{s.name}{sorted(s.labels.items())}": s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict[str, float], name: str, **labels: str) -> float:
+    wanted = [f"{k}={v}" for k, v in labels.items()]
+    hits = [v for k, v in samples.items() if k.startswith(name + "[") and all(
+        f"('{w.split('=')[0]}', '{w.split('=')[1]}')" in k for w in wanted)]
+    return sum(hits)
+
+
+# ------------------------------------------------------------------ metrics
+
+
+async def test_metrics_count_tokens_requests_and_latencies(server, client):
+    before = await scrape(client, server)
+    body = await chat(client, server, messages=HELLO, max_tokens=5, temperature=0, ignore_eos=True)
+    after = await scrape(client, server)
+    delta = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
+    assert delta("aserve:generation_tokens_total") == 5
+    assert delta("aserve:prompt_tokens_total") == body["usage"]["prompt_tokens"]
+    assert delta("aserve:request_success_total", finished_reason="length") == 1
+    assert delta("aserve:time_to_first_token_seconds_count") == 1
+    assert delta("aserve:inter_token_latency_seconds_count") == 4
+    assert delta("aserve:e2e_request_latency_seconds_count") == 1
+    assert delta("aserve:request_queue_time_seconds_count") == 1
+    assert delta("aserve:engine_step_seconds_count") >= 5
+    assert delta("aserve:engine_step_batch_size_sum") >= 5
+
+
+async def test_metrics_show_the_engine_state(server, client):
+    samples = await scrape(client, server)
+    assert value(samples, "aserve:num_requests_running") == 0
+    assert value(samples, "aserve:num_requests_waiting") == 0
+    assert value(samples, "aserve:kv_cache_usage_perc") == 0
+
+
+async def test_metrics_count_errors_by_type(server, client):
+    before = await scrape(client, server)
+    await post(client, server.url, {"messages": []})
+    await post(client, server.url, {"messages": HELLO, "model": "nope"})
+    after = await scrape(client, server)
+    for status in ("400", "404"):
+        kind = {"error_type": "invalid_request_error", "status": status}
+        assert value(after, "aserve:request_errors_total", **kind) - value(before, "aserve:request_errors_total",
+                                                                          **kind) == 1
+
+
+# ------------------------------------------------------------------ request ids
+
+
+async def test_a_request_id_is_made_and_returned(server, client):
+    reply = await post(client, server.url, {"messages": HELLO, "max_tokens": 1})
+    assert len(reply.headers["X-Request-Id"]) == 32
+
+
+async def test_an_incoming_request_id_is_honoured_on_streams_and_errors(server, client):
+    headers = {"X-Request-Id": "trace-abc.123"}
+    async with client.post(server.url + "/v1/chat/completions", headers=headers,
+                           json={"messages": HELLO, "max_tokens": 2, "stream": True}) as resp:
+        await resp.read()
+        assert resp.headers["X-Request-Id"] == "trace-abc.123"
+    reply = await post(client, server.url, {"messages": []}, headers=headers)
+    assert reply.status == 400 and reply.headers["X-Request-Id"] == "trace-abc.123"
+
+
+async def test_an_unsafe_request_id_is_replaced(server, client):
+    reply = await post(client, server.url, {"messages": HELLO, "max_tokens": 1}, headers={"X-Request-Id": "a b\tc"})
+    assert reply.headers["X-Request-Id"] != "a b\tc" and len(reply.headers["X-Request-Id"]) == 32
+
+
+# ------------------------------------------------------------------ API key
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"bearer {KEY}", KEY])
+async def test_a_missing_or_wrong_key_is_401(keyed, client, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+    for path, body in (("/v1/chat/completions", {"messages": HELLO}), ("/v1/completions", {"prompt": "x"}),
+                       ("/tokenize", {"prompt": "x"})):
+        reply = await post(client, keyed.url, body, path=path, headers=headers)
+        assert reply.status == 401, (path, reply.body)
+        assert_valid("ErrorResponse", reply.body)
+        assert reply.body["error"]["code"] == "invalid_api_key"
+    reply = await post(client, keyed.url, None, path="/v1/models", method="GET", headers=headers)
+    assert reply.status == 401
+
+
+async def test_the_right_key_is_let_in_and_health_and_metrics_stay_open(keyed, client):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    reply = await post(client, keyed.url, {"messages": HELLO, "max_tokens": 1}, headers=auth)
+    assert reply.status == 200
+    assert (await post(client, keyed.url, None, path="/health", method="GET")).status == 200
+    await scrape(client, keyed)
+
+
+async def test_metrics_can_require_the_key(tiny_llama_dir, client):
+    async with serve(tiny_llama_dir, api_key=KEY, metrics_require_api_key=True) as s:
+        assert (await post(client, s.url, None, path="/metrics", method="GET")).status == 401
+        await scrape(client, s, {"Authorization": f"Bearer {KEY}"})
+
+
+async def test_the_key_can_come_from_the_environment(tiny_llama_dir, client, monkeypatch):
+    monkeypatch.setenv("ASERVE_API_KEY", "from-env")
+    async with serve(tiny_llama_dir) as s:
+        assert (await post(client, s.url, {"messages": HELLO, "max_tokens": 1})).status == 401
+        reply = await post(client, s.url, {"messages": HELLO, "max_tokens": 1},
+                           headers={"Authorization": "Bearer from-env"})
+        assert reply.status == 200
+
+
+# ------------------------------------------------------------------ CORS
+
+
+async def test_cors_preflight_is_answered_for_an_allowed_origin(keyed, client):
+    headers = {"Origin": "https://chat.example", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "Authorization, Content-Type"}
+    async with client.options(keyed.url + "/v1/chat/completions", headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["Access-Control-Allow-Origin"] == "https://chat.example"
+        assert "AUTHORIZATION" in resp.headers["Access-Control-Allow-Headers"].upper()
+
+
+async def test_cors_refuses_other_origins(keyed, client):
+    headers = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    async with client.options(keyed.url + "/v1/chat/completions", headers=headers) as resp:
+        assert resp.status == 403
+        assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+async def test_cors_headers_on_an_allowed_request(keyed, client):
+    headers = {"Origin": "https://chat.example", "Authorization": f"Bearer {KEY}"}
+    reply = await post(client, keyed.url, {"messages": HELLO, "max_tokens": 1}, headers=headers)
+    assert reply.headers["Access-Control-Allow-Origin"] == "https://chat.example"
+    assert "X-Request-Id" in reply.headers["Access-Control-Expose-Headers"]
+
+
+async def test_without_configured_origins_there_are_no_cors_headers(server, client):
+    reply = await post(client, server.url, {"messages": HELLO, "max_tokens": 1},
+                       headers={"Origin": "https://chat.example"})
+    assert "Access-Control-Allow-Origin" not in reply.headers
+
+
+# ------------------------------------------------------------------ limits and backpressure
+
+
+async def test_too_many_messages_is_400(server, client):
+    reply = await post(client, server.url, {"messages": HELLO * 4})
+    assert reply.status == 400 and reply.body["error"]["param"] == "messages"
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 201}]}, "messages"),
+    ("/v1/completions", {"prompt": ["x" * 150, "y" * 51]}, "prompt"),
+])
+async def test_a_prompt_over_the_character_limit_is_400(server, client, path, body, param):
+    reply = await post(client, server.url, body, path=path)
+    assert reply.status == 400, reply.body
+    assert reply.body["error"]["code"] == "prompt_too_long" and reply.body["error"]["param"] == param
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+async def test_past_max_waiting_requests_new_ones_get_503_with_retry_after(tiny_llama_dir, client, monkeypatch):
+    async with serve(tiny_llama_dir, max_waiting_requests=2) as s:
+        slow_engine(s.state, monkeypatch, 0.02)
+        stats = s.state.engine.stats
+        body = {"messages": HELLO, "max_tokens": 30, "ignore_eos": True}
+        # max_num_seqs is 4: 4 run, 2 wait, and the next is refused at once.
+        accepted = [asyncio.create_task(post(client, s.url, body)) for _ in range(4)]
+        await until(lambda: stats()["running"] == 4)
+        accepted += [asyncio.create_task(post(client, s.url, body)) for _ in range(2)]
+        await until(lambda: stats()["waiting"] == 2)
+        reply = await post(client, s.url, body)
+        assert reply.status == 503 and reply.headers["Retry-After"] == "1"
+        assert reply.body["error"]["code"] == "server_busy"
+        assert_valid("ErrorResponse", reply.body)
+        assert [r.status for r in await asyncio.gather(*accepted)] == [200] * 6
+        assert s.state.in_flight == 0
