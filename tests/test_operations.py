@@ -225,3 +225,20 @@ async def test_past_max_waiting_requests_new_ones_get_503_with_retry_after(tiny_
         assert_valid("ErrorResponse", reply.body)
         assert [r.status for r in await asyncio.gather(*accepted)] == [200] * 6
         assert s.state.in_flight == 0
+
+
+async def test_one_json_log_line_per_request(tiny_llama_dir, client, caplog):
+    import json
+    import logging
+
+    async with serve(tiny_llama_dir, log_requests_json=True) as s:
+        with caplog.at_level(logging.INFO, logger="aserve.requests"):
+            await post(client, s.url, {"messages": HELLO, "max_tokens": 3, "n": 2, "ignore_eos": True},
+                       headers={"X-Request-Id": "log-1"})
+            await post(client, s.url, {"prompt": "x", "max_tokens": 10**6}, path="/v1/completions",
+                       headers={"X-Request-Id": "log-2"})
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "aserve.requests"]
+    assert [(x["request_id"], x["status"]) for x in lines] == [("log-1", 200)]  # the 400 came before admission
+    line = lines[0]
+    assert line["completion_tokens"] == 6 and line["finish_reasons"] == ["length", "length"]
+    assert line["prompt_tokens"] > 0 and 0 < line["ttft_s"] <= line["total_s"]

@@ -24,6 +24,7 @@ from aserve.server import generation, protocol, responses
 from aserve.server.chat_prompt import chat_inputs
 from aserve.server.errors import APIError, json_response
 from aserve.server.logprobs import chat_logprobs
+from aserve.server.middleware import request_id
 from aserve.server.serving import ServingState
 from aserve.server.sse import SSEWriter
 from aserve.server.tool_parsers import ToolCall, new_call_id
@@ -84,8 +85,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                                         logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     n = req.n or 1
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    with state.admit(n):
-        outputs = generation.start(state, rid, [prompt_ids], params, n, grammar)
+    with state.admit(n, request_id(request)) as record:
+        outputs = generation.start(state, rid, [prompt_ids], params, n, grammar, record)
         reply = _Reply(state, req, rid, int(time.time()))
         if req.stream:
             return await reply.stream(request, outputs, n)

@@ -17,6 +17,7 @@ from aserve.server import generation, protocol, responses
 from aserve.server.chat import read_json
 from aserve.server.errors import APIError, json_response
 from aserve.server.logprobs import completion_logprobs
+from aserve.server.middleware import request_id
 from aserve.server.serving import ServingState
 from aserve.server.sse import SSEWriter
 
@@ -48,8 +49,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     n = req.n or 1
     echoes = [await state.decode(p) for p in prompts] if req.echo else None
     rid = f"cmpl-{uuid.uuid4().hex}"
-    with state.admit(n * len(prompts)):
-        outputs = generation.start(state, rid, prompts, params, n, grammar)
+    with state.admit(n * len(prompts), request_id(request)) as record:
+        outputs = generation.start(state, rid, prompts, params, n, grammar, record)
         reply = _Reply(state, req, rid, int(time.time()), prompts, echoes, n)
         if req.stream:
             return await reply.stream(request, outputs)

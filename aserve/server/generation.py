@@ -16,7 +16,7 @@ from aserve.engine.sampler import TokenLogprobs
 from aserve.engine.sequence import SamplingParams
 from aserve.server import protocol
 from aserve.server.errors import APIError
-from aserve.server.serving import ServingState
+from aserve.server.serving import RequestRecord, ServingState
 
 
 def sampling_params(req: protocol._GenerationRequest, prompt_len: int, state: ServingState, *,
@@ -95,7 +95,7 @@ class Choice:
 
 
 def start(state: ServingState, rid: str, prompts: Sequence[list[int]], params: SamplingParams, n: int,
-          grammar: Any = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+          grammar: Any = None, record: RequestRecord | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Queues n choices per prompt (choice index = prompt index * n + j, as OpenAI numbers them)
     and returns their outputs as one stream of (index, output)."""
     state.check_engine()
@@ -110,7 +110,16 @@ def start(state: ServingState, rid: str, prompts: Sequence[list[int]], params: S
                 guide=state.guided.guide(grammar) if grammar is not None else None, follows=leader)
             leader = leader or request.request_id
             streams.append(state.engine.generate(request))
-    return _merge(streams)
+    outputs = _merge(streams)
+    return outputs if record is None else _recorded(outputs, record, n)
+
+
+async def _recorded(outputs: AsyncIterator[tuple[int, RequestOutput]], record: RequestRecord,
+                    n: int) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async with aclosing(outputs):
+        async for index, out in outputs:
+            record.add(index, out, n)
+            yield index, out
 
 
 def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:

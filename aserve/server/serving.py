@@ -1,6 +1,7 @@
 """What the handlers share: the engine, the tokenizer and the served model's identity."""
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -8,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
 
+import orjson
 from aiohttp import web
 
 from aserve.engine.engine_loop import EngineLoop
@@ -19,6 +21,42 @@ from aserve.server.metrics import Metrics
 from aserve.server.tool_parsers import ToolParser, get_tool_parser
 
 T = TypeVar("T")
+request_log = logging.getLogger("aserve.requests")
+
+
+@dataclass(eq=False)
+class RequestRecord:
+    """What one request's JSON log line says; filled in as its outputs arrive."""
+
+    request_id: str
+    model: str
+    started: float = field(default_factory=time.monotonic)
+    first_output: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
+    status: int = 200
+    _choice_tokens: dict[int, int] = field(default_factory=dict)  # completion tokens per choice so far
+
+    def add(self, index: int, out: Any, n: int) -> None:
+        """One output (engine_loop.RequestOutput) of choice `index`; n choices per prompt."""
+        if self.first_output is None:
+            self.first_output = time.monotonic()
+        self.completion_tokens += out.completion_tokens - self._choice_tokens.get(index, 0)
+        self._choice_tokens[index] = out.completion_tokens
+        if out.finish_reason:
+            self.finish_reasons.append(out.finish_reason)
+            if index % n == 0:
+                self.prompt_tokens += out.prompt_tokens  # each prompt once, however many choices
+
+    def to_json(self) -> str:
+        now = time.monotonic()
+        return orjson.dumps({
+            "request_id": self.request_id, "model": self.model, "status": self.status,
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "ttft_s": None if self.first_output is None else round(self.first_output - self.started, 4),
+            "total_s": round(now - self.started, 4), "finish_reasons": self.finish_reasons,
+        }).decode()
 
 
 @dataclass(eq=False)
@@ -92,21 +130,34 @@ class ServingState:
             raise APIError("the engine is not running", status=503, code="engine_unavailable")
 
     @contextmanager
-    def admit(self, sequences: int) -> Iterator[None]:
+    def admit(self, sequences: int, request_id: str) -> Iterator[RequestRecord]:
         """Holds `sequences` places for a request's lifetime, or refuses it with a 503 at once
         when more than max_waiting_requests would be waiting for a KV slot: queuing without
         bound only turns overload into timeouts. Counted here, when the handler commits to
-        the request, because the engine sees a request only once its stream is first read."""
+        the request, because the engine sees a request only once its stream is first read.
+        Yields the request's record, logged as one JSON line at the end (log_requests_json)."""
         limit = self.settings.max_waiting_requests
         # Every sequence past the KV slots waits for one, whether or not the engine has seen it yet.
         if self.in_flight + sequences - self.engine.scheduler.kv_cache.num_slots > limit:
             raise APIError(f"the server is busy: {limit} requests are already waiting; retry later",
                            status=503, code="server_busy", headers={"Retry-After": "1"})
         self.in_flight += sequences
+        record = RequestRecord(request_id, self.model_name)
         try:
-            yield
+            yield record
+        except APIError as exc:
+            record.status = exc.status
+            raise
+        except asyncio.CancelledError:
+            record.status = 499  # the client went away (nginx's code for it)
+            raise
+        except Exception:
+            record.status = 500
+            raise
         finally:
             self.in_flight -= sequences
+            if self.settings.log_requests_json:
+                request_log.info("%s", record.to_json())
 
     def check_prompt_chars(self, chars: int, param: str) -> None:
         # Checked before tokenizing: a huge prompt would hold the tokenize thread for seconds.
