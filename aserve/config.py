@@ -20,6 +20,7 @@ class ServerConfig:
     max_waiting_requests: int = 1024  # queued requests beyond this get 503 with Retry-After at once
     max_messages: int = 2048  # messages per chat request
     max_prompt_chars: int = 1_000_000  # characters of prompt text (messages or prompt) per request
+    sse_keepalive_seconds: float = 5.0  # a stream with nothing to send for this long gets a ": keep-alive" comment
     log_requests_json: bool = False  # one JSON line per finished request on the aserve.requests logger
 
 

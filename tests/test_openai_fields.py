@@ -589,3 +589,32 @@ async def test_bad_chat_fields_are_400(server, client, extra, param):
     assert reply.status == 400, reply.body
     assert_valid("ErrorResponse", reply.body)
     assert reply.body["error"]["param"] == param
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "Hi", "logit_bias": {"²": 1}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"9" * 4301: 1}}, "logit_bias"),
+    ({"prompt": "Hi", "seed": 2**64}, "seed"),
+    ({"prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "deep", "schema": json.loads('{"type": "object", "x": ' * 900 + "1" + "}" * 900)}}},
+     "response_format"),
+])
+async def test_hostile_values_are_400_not_500(server, client, body, param):
+    reply = await post(client, server.url, body, path=COMPLETIONS)
+    assert reply.status == 400, reply.body
+    assert reply.body["error"]["param"] == param
+
+
+async def test_largest_seed_with_n_leaves_the_engine_running(server, client):
+    body = await chat(client, server, messages=HELLO, n=2, seed=2**63 - 1, max_tokens=2)
+    assert len(body["choices"]) == 2
+    assert (await post(client, server.url, None, path="/health", method="GET")).status == 200
+
+
+async def test_logprobs_leave_out_a_token_hidden_by_a_stop_string(server, client):
+    plain = await complete(client, server, prompt="Hello there", max_tokens=6, logprobs=0, **GREEDY)
+    tokens = plain["choices"][0]["logprobs"]["tokens"]
+    stop = next(t for t in tokens[1:] if t.strip() and "\ufffd" not in t)  # a later, visible token
+    body = await complete(client, server, prompt="Hello there", max_tokens=6, logprobs=0, stop=[stop], **GREEDY)
+    assert_spells(body["choices"][0]["logprobs"]["tokens"], body["choices"][0]["text"])
+    assert stop not in body["choices"][0]["logprobs"]["tokens"]

@@ -242,3 +242,18 @@ async def test_one_json_log_line_per_request(tiny_llama_dir, client, caplog):
     line = lines[0]
     assert line["completion_tokens"] == 6 and line["finish_reasons"] == ["length", "length"]
     assert line["prompt_tokens"] > 0 and 0 < line["ttft_s"] <= line["total_s"]
+
+
+async def test_a_queued_stream_gets_keep_alive_comments(tiny_llama_dir, client, monkeypatch):
+    async with serve(tiny_llama_dir, sse_keepalive_seconds=0.05) as s:
+        slow_engine(s.state, monkeypatch, 0.02)
+        body = {"messages": HELLO, "max_tokens": 40, "ignore_eos": True}
+        blockers = [asyncio.create_task(post(client, s.url, body)) for _ in range(4)]  # every slot busy ~1 s
+        await until(lambda: s.state.engine.stats()["running"] == 4)
+        async with client.post(s.url + "/v1/chat/completions", json={**body, "max_tokens": 2, "stream": True}) as resp:
+            raw = (await resp.read()).decode()
+        await asyncio.gather(*blockers)
+    before_first_token = raw.split('"content":"', 2)
+    assert raw.count(": keep-alive\n\n") >= 3 and ": keep-alive" in before_first_token[0] + before_first_token[1]
+    events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]
+    assert events[-1] == "data: [DONE]"

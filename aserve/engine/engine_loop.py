@@ -127,6 +127,8 @@ class EngineLoop:
                             logprobs.append(event.logprobs)
                         out = detok.push((event.token,))
                         text += out.text
+                        if out.stopped and not out.text and event.logprobs is not None:
+                            logprobs.pop()  # the token that completed the stop string shows nothing
                         if out.stopped:
                             # The engine cannot see stop strings: tell it to let go. Tokens
                             # drained after the stop are neither shown nor counted.
@@ -220,11 +222,15 @@ class EngineLoop:
 
     def _admit(self, request: GenerationRequest) -> None:
         rid = request.request_id
-        if rid not in self._streams:
+        if (queue := self._streams.get(rid)) is None:
             return
         generator = None
         if request.params.seed is not None:
-            generator = torch.Generator(self.runner.device).manual_seed(request.params.seed)
+            try:
+                generator = torch.Generator(self.runner.device).manual_seed(request.params.seed)
+            except (RuntimeError, ValueError, OverflowError) as exc:  # no request field may stop the loop
+                queue.put_nowait(_Event(error=f"invalid seed: {exc}"))
+                return
         seq = Sequence(rid, list(request.prompt_ids), request.params, generator=generator, guide=request.guide,
                        wait_for=self._seqs.get(request.follows) if request.follows else None,
                        arrival_time=request.arrival_time)

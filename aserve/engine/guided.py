@@ -85,6 +85,8 @@ class GuidedDecoding:
             key = json.dumps([schema, strict], sort_keys=True, separators=(",", ":"))
         except (TypeError, ValueError) as e:
             raise ValueError(f"response_format schema is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError("response_format schema nests too deeply") from None
         with self._lock:
             if (hit := self._cache.get(key)) is not None:
                 self._cache.move_to_end(key)

@@ -73,7 +73,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if len(req.messages) > limits.max_messages:
         raise APIError(f"too many messages: {len(req.messages)}, the limit is {limits.max_messages}", param="messages")
     state.check_prompt_chars(sum(len(m.text(i)) for i, m in enumerate(req.messages)), "messages")
-    messages, tools = chat_inputs(req, state.tokenizer.chat_template)
+    try:
+        messages, tools = chat_inputs(req, state.tokenizer.chat_template)
+    except RecursionError:  # json.dumps of a tool's parameters schema
+        raise APIError("a tool's parameters nest too deeply", param="tools") from None
     prompt_ids = await state.encode_chat(messages, tools)
     schema = forced_tool_schema(req)
     if schema is not None:
@@ -137,6 +140,9 @@ class _Reply:
                 await sse.send(self._chunk(i, {"role": "assistant", "content": ""}))
             try:
                 async for i, out in outputs:
+                    if i == generation.HEARTBEAT:
+                        await sse.comment("keep-alive")
+                        continue
                     choices[i].add(out)
                     for chunk in self._deltas(i, out, parsers[i] if parsers else None, choices[i]):
                         await sse.send(chunk)

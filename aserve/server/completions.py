@@ -91,6 +91,9 @@ class _Reply:
             await sse.start()
             try:
                 async for i, out in outputs:
+                    if i == generation.HEARTBEAT:
+                        await sse.comment("keep-alive")
+                        continue
                     first = choices[i].completion_tokens == 0 and not choices[i].text
                     piece = generation.Choice(i)
                     piece.add(out)

@@ -104,13 +104,14 @@ def start(state: ServingState, rid: str, prompts: Sequence[list[int]], params: S
         leader = None
         for j in range(n):
             index = p * n + j
-            seed = None if params.seed is None else params.seed + j  # one seed, n different choices
+            # One seed, n different choices; kept within the 64 bits torch.Generator takes.
+            seed = None if params.seed is None else (params.seed + j) % 2**64
             request = GenerationRequest(
                 f"{rid}-{index}", prompt_ids, _with_seed(params, seed),
                 guide=state.guided.guide(grammar) if grammar is not None else None, follows=leader)
             leader = leader or request.request_id
             streams.append(state.engine.generate(request))
-    outputs = _merge(streams)
+    outputs = _merge(streams, state.settings.sse_keepalive_seconds)
     return outputs if record is None else _recorded(outputs, record, n)
 
 
@@ -118,7 +119,8 @@ async def _recorded(outputs: AsyncIterator[tuple[int, RequestOutput]], record: R
                     n: int) -> AsyncIterator[tuple[int, RequestOutput]]:
     async with aclosing(outputs):
         async for index, out in outputs:
-            record.add(index, out, n)
+            if index != HEARTBEAT:
+                record.add(index, out, n)
             yield index, out
 
 
@@ -131,18 +133,23 @@ async def collect(outputs: AsyncIterator[tuple[int, RequestOutput]], count: int)
     try:
         async with aclosing(outputs):
             async for index, out in outputs:
-                choices[index].add(out)
+                if index != HEARTBEAT:
+                    choices[index].add(out)
     except EngineError as exc:
         raise APIError(str(exc), status=500, code="engine_error") from None
     return choices
 
 
 _END = object()
+HEARTBEAT = -1  # the index of a (HEARTBEAT, None) item: nothing came for a while
 
 
-async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Every output of every stream as it comes. Closing this generator (a client gone, an
-    error) cancels the pumps, and each stream's own cleanup aborts its request in the engine."""
+async def _merge(streams: list[AsyncIterator[RequestOutput]],
+                 heartbeat: float | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Every output of every stream as it comes, and (HEARTBEAT, None) after each `heartbeat`
+    seconds without one, so a stream handler can keep its connection alive. Closing this
+    generator (a client gone, an error) cancels the pumps, and each stream's own cleanup aborts
+    its request in the engine."""
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
@@ -159,7 +166,12 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
     try:
         remaining = len(tasks)
         while remaining:
-            index, item = await queue.get()
+            try:
+                # Cancelling a queue.get() on timeout loses nothing, unlike cancelling a stream.
+                index, item = await asyncio.wait_for(queue.get(), heartbeat or None)
+            except TimeoutError:
+                yield HEARTBEAT, None
+                continue
             if item is _END:
                 remaining -= 1
             elif isinstance(item, Exception):

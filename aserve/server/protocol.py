@@ -4,6 +4,7 @@ Liberal in what we accept: unknown fields are ignored and null means "not set". 
 about types: a string where a number belongs is a 400, not a silent coercion.
 """
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from aserve.server.errors import APIError
 
 MAX_STOP_STRINGS = 4
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
 MAX_N = 16  # choices per request
 MAX_LOGPROBS = 20  # top alternatives per token, OpenAI's limit for chat
 
@@ -96,7 +98,7 @@ class _GenerationRequest(_Lenient):
     temperature: Annotated[float | None, Field(ge=0)] = None
     top_p: Annotated[float | None, Field(gt=0, le=1)] = None
     top_k: Annotated[int | None, Field(ge=-1)] = None  # vLLM extension; -1 or 0: off
-    seed: int | None = None
+    seed: Annotated[int | None, Field(ge=-(2**63), lt=2**63)] = None  # what torch.Generator takes, with room for n
     max_tokens: Annotated[int | None, Field(ge=1)] = None
     stop: str | list[str] | None = None
     n: Annotated[int | None, Field(ge=1, le=MAX_N)] = None
@@ -126,8 +128,9 @@ class _GenerationRequest(_Lenient):
     @classmethod
     def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key in bias or {}:
-            if not key.isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            # Not str.isdigit(): it accepts "²" and digit strings too long for int().
+            if not _TOKEN_ID.fullmatch(key):
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:20]!r}")
         return bias
 
 

@@ -22,6 +22,10 @@ class SSEWriter:
     async def send(self, obj: dict) -> None:
         await self.response.write(b"data: " + orjson.dumps(obj) + b"\n\n")
 
+    async def comment(self, text: str) -> None:
+        """An SSE comment line: clients ignore it, proxies and browsers see the connection live."""
+        await self.response.write(b": " + text.encode() + b"\n\n")
+
     async def done(self) -> None:
         await self.response.write(b"data: [DONE]\n\n")
         await self.response.write_eof()
