@@ -137,6 +137,40 @@ async def test_engine_error_ends_only_the_affected_request(tiny_llama_dir):
         assert engine.stats()["kv_slots_free"] == engine.stats()["kv_slots_total"]
 
 
+def _fault_for(request_id: str, fault):
+    """A fault hook that hits every step holding `request_id`, through `fault(logits, row)`."""
+
+    def hook(scheduled, logits):
+        sampling = [item.seq.request_id for item in scheduled if item.samples]
+        if request_id in sampling:
+            fault(logits, sampling.index(request_id))
+
+    return hook
+
+
+def _nan(logits, row):
+    logits[row, 7] = float("nan")
+
+
+def _oom(logits, row):
+    raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+
+@pytest.mark.parametrize(("fault", "message"), [(_nan, "non-finite logits"), (_oom, "out of memory")])
+async def test_a_nan_or_out_of_memory_in_one_request_fails_only_that_request(tiny_llama_dir, fault, message):
+    async with running_engine(tiny_llama_dir) as engine:
+        expected = [await collect(engine, f"ref{i}", p) for i, p in enumerate(PROMPTS[:2])]
+        engine.runner.fault_hook = _fault_for("bad", fault)
+        results = await asyncio.gather(
+            collect(engine, "ok0", PROMPTS[0]), collect(engine, "bad", PROMPTS[2]), collect(engine, "ok1", PROMPTS[1]),
+            return_exceptions=True)
+        assert results[0] == expected[0] and results[2] == expected[1]
+        assert isinstance(results[1], EngineError) and message in str(results[1])
+        assert engine.stats()["kv_slots_free"] == engine.stats()["kv_slots_total"]
+        engine.runner.fault_hook = None
+        assert await collect(engine, "after", PROMPTS[2], max_tokens=3)
+
+
 async def test_stop_string_ends_the_request_in_the_engine(tiny_llama_dir):
     async with running_engine(tiny_llama_dir) as engine:
         full, _, _ = await collect(engine, "full", PROMPTS[3], max_tokens=30)

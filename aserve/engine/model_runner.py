@@ -1,6 +1,6 @@
 """Turns a scheduled step into tensors, runs the model and samples. Runs on the worker thread."""
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -33,6 +33,9 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = device
         self.eos_token_ids = tuple(eos_token_ids)  # masked while a sequence is short of min_tokens
+        # Called with (scheduled, logits) after each forward: tests inject faults here (raise, or
+        # write NaN into the logits) to check that only the affected requests fail.
+        self.fault_hook: Callable[[Seq[ScheduledSeq], torch.Tensor], None] | None = None
         self.generator = torch.Generator(device)
         if seed is None:
             self.generator.seed()
@@ -45,9 +48,17 @@ class ModelRunner:
             self.kv_cache.apply_pending_copies()
             batch, prompt_rows = self._build_batch(scheduled)
             logits = self.model(batch, self.kv_cache.k, self.kv_cache.v)
+            if self.fault_hook is not None:
+                self.fault_hook(scheduled, logits)
             sampling = [s.seq for s in scheduled if s.samples]
             sampled = sample(logits[: len(sampling)], sampling, self.generator, self.eos_token_ids)
+            # A row with NaN or inf logits samples garbage: mark it, in the same transfer as the tokens.
+            finite = torch.isfinite(logits[: len(sampling)]).all(dim=-1)
+            sampled.tokens = sampled.tokens.masked_fill(~finite, -1)
             token_list, logprob_list = sampled.to_host(sampling)  # the step's one host sync (without logprobs)
+            if -1 in token_list:
+                # The engine then reruns the step's sequences one by one and fails only those that fail alone.
+                raise FloatingPointError(f"non-finite logits for {token_list.count(-1)} of {len(token_list)} sequences")
             prompt_lps: list[list[TokenLogprobs] | None] = [None] * len(scheduled)
             row = len(sampling)
             for index, next_tokens in prompt_rows:
