@@ -75,6 +75,7 @@ async def _serve(config: Config, state: "ServingState") -> None:
     print(f"aserve: serving {state.model_name!r} at http://{host}:{port} (OpenAI API under /v1)", flush=True)
     await stop.wait()
     print("aserve: shutting down", flush=True)
+    state.draining = True  # requests still arriving on open connections get 503 while the rest finish
     # aiohttp gives open requests shutdown_timeout seconds to finish, but it cannot cancel a handler
     # that waits on the engine: it then waits shutdown_timeout once more and cuts the connection, so a
     # stream lost its [DONE] and stopping took twice the timeout. So end the engine's streams when the

@@ -20,6 +20,7 @@ class ServerConfig:
     max_waiting_requests: int = 1024  # queued requests beyond this get 503 with Retry-After at once
     max_messages: int = 2048  # messages per chat request
     max_prompt_chars: int = 1_000_000  # characters of prompt text (messages or prompt) per request
+    request_timeout_seconds: float = 0.0  # a request still unfinished after this long is ended with an error; 0: never
     sse_keepalive_seconds: float = 5.0  # a stream with nothing to send for this long gets a ": keep-alive" comment
     log_requests_json: bool = False  # one JSON line per finished request on the aserve.requests logger
 
@@ -48,6 +49,9 @@ class EngineConfig:
     prefill_budget_while_decoding: int = 32
     enable_prefix_caching: bool = True  # a prompt that starts like a finished request's reuses its cached KV
     prefix_pool_tokens: int = 16384  # prefix cache beyond the slots, in positions (16-token blocks); 0: none
+    # Tokens a request may have waiting for its client: past it, a client that reads too slowly is
+    # dropped with an error and its KV slot freed (the engine never waits for a client); 0: no bound.
+    max_buffered_tokens: int = 4096
     num_threads: int = 0  # torch CPU threads; 0: one per core
     seed: int | None = None  # seed for requests that set none; None: random
 

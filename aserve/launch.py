@@ -120,6 +120,7 @@ def build_state(config: Config) -> ServingState:
         ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed, eos_token_ids=eos),
         detok_tokenizer,
         model_thread,
+        max_buffered_tokens=ec.max_buffered_tokens,
     )
     name = config.server.served_model_name or path.name
     defaults = generation_defaults(path) if mc.generation_config == "auto" else {}

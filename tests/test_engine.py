@@ -265,3 +265,15 @@ def test_the_model_thread_gets_the_configured_torch_threads_and_the_caller_keeps
     engine = build_state(config).engine
     assert engine.model_thread.submit(torch.get_num_threads).result() == before + 1
     assert torch.get_num_threads() == before
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir, max_buffered_tokens=8) as engine:
+        outputs = engine.generate(GenerationRequest("slow", PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True)))
+        await anext(outputs)  # the request runs; then its reader stalls
+        await wait_until(lambda: engine.stats()["kv_slots_free"] == engine.stats()["kv_slots_total"])
+        assert engine.stats()["running"] == 0
+        with pytest.raises(EngineError, match="did not read its stream"):
+            async for _ in outputs:
+                pass
+        assert await collect(engine, "next", PROMPTS[1], max_tokens=3)  # the engine serves on

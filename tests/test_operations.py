@@ -257,3 +257,26 @@ async def test_a_queued_stream_gets_keep_alive_comments(tiny_llama_dir, client, 
     assert raw.count(": keep-alive\n\n") >= 3 and ": keep-alive" in before_first_token[0] + before_first_token[1]
     events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]
     assert events[-1] == "data: [DONE]"
+
+
+async def test_a_request_past_its_timeout_ends_with_an_error(tiny_llama_dir, client, monkeypatch):
+    import json
+
+    async with serve(tiny_llama_dir, request_timeout_seconds=0.3) as s:
+        slow_engine(s.state, monkeypatch, 0.02)
+        body = {"messages": HELLO, "max_tokens": 200, "ignore_eos": True}
+        reply = await post(client, s.url, body)
+        assert reply.status == 504 and reply.body["error"]["code"] == "request_timeout"
+        assert_valid("ErrorResponse", reply.body)
+        async with client.post(s.url + "/v1/chat/completions", json={**body, "stream": True}) as resp:
+            events = [e for e in (await resp.read()).decode().split("\n\n") if e.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][len("data: "):])["error"]["code"] == "request_timeout"
+        await until(lambda: s.state.engine.stats()["kv_slots_free"] == s.state.engine.stats()["kv_slots_total"])
+
+
+async def test_a_draining_server_refuses_new_requests_with_503(tiny_llama_dir, client):
+    async with serve(tiny_llama_dir) as s:
+        s.state.draining = True
+        reply = await post(client, s.url, {"messages": HELLO, "max_tokens": 1})
+        assert reply.status == 503 and reply.body["error"]["code"] == "shutting_down"

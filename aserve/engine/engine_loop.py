@@ -75,7 +75,8 @@ class EngineObserver(Protocol):
 
 class EngineLoop:
     def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer: tokenizers.Tokenizer,
-                 model_thread: ThreadPoolExecutor | None = None, observer: EngineObserver | None = None) -> None:
+                 model_thread: ThreadPoolExecutor | None = None, observer: EngineObserver | None = None,
+                 max_buffered_tokens: int = 0) -> None:
         """`model_thread`: the one-worker executor that runs every forward; pass the one the
         model was loaded on (launch.py says why). Default: a new one."""
         self.scheduler = scheduler
@@ -88,6 +89,7 @@ class EngineLoop:
         # One fixed thread runs every forward: model state (and CUDA graphs) may be thread-bound.
         self.model_thread = model_thread or ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-model")
         self.observer = observer
+        self.max_buffered_tokens = max_buffered_tokens  # per request, undelivered; 0: no bound
         self.steps = 0
         self.healthy = True
 
@@ -281,5 +283,10 @@ class EngineLoop:
         if seq.status.finished:
             self._seqs.pop(seq.request_id, None)
         if (queue := self._streams.get(seq.request_id)) is not None:
+            if self.max_buffered_tokens and queue.qsize() >= self.max_buffered_tokens:
+                # Its client stopped reading (a stalled or very slow connection): never wait for
+                # it, and never let it hold a KV slot and memory without bound.
+                self._fail(seq, f"the client did not read its stream: {queue.qsize()} tokens were waiting")
+                return
             is_text = not (finish_reason == "stop" and self.scheduler.ends(seq, token))
             queue.put_nowait(_Event(token, is_text, finish_reason, logprobs=logprobs))

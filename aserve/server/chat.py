@@ -149,8 +149,8 @@ class _Reply:
                 if self.include_usage:
                     await sse.send(responses.usage_chunk(self.rid, self.state.model_name, self.created,
                                                          _usage(choices)))
-            except EngineError as exc:
-                await sse.send(APIError(str(exc), status=500, code="engine_error").body())
+            except (EngineError, generation.RequestTimeout) as exc:
+                await sse.send(generation.api_error(exc).body())
             except Exception:
                 # The 200 headers are out: a 500 response is no longer possible, so the stream
                 # itself must end, with an error event and [DONE], or the client waits forever.

@@ -6,6 +6,7 @@ text, and with `logprobs` the prompt's tokens get logprobs too (the first one nu
 predicts it), which needs the whole prompt computed, so such a request skips the prefix cache.
 """
 
+import logging
 import time
 import uuid
 from contextlib import aclosing
@@ -20,6 +21,8 @@ from aserve.server.logprobs import completion_logprobs
 from aserve.server.middleware import request_id
 from aserve.server.serving import ServingState
 from aserve.server.sse import SSEWriter
+
+log = logging.getLogger("aserve.server")
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for this endpoint
 
@@ -109,8 +112,12 @@ class _Reply:
                 if self.include_usage:
                     await sse.send(responses.usage_chunk(self.rid, self.state.model_name, self.created,
                                                          _usage(choices, self.n), "text_completion"))
-            except EngineError as exc:
-                await sse.send(APIError(str(exc), status=500, code="engine_error").body())
+            except (EngineError, generation.RequestTimeout) as exc:
+                await sse.send(generation.api_error(exc).body())
+            except Exception:
+                # The 200 headers are out: the stream itself must end, with an error event and [DONE].
+                log.exception("request %s failed mid-stream", self.rid)
+                await sse.send(APIError("internal server error", status=500).body())
             await sse.done()
         return sse.response
 

@@ -6,6 +6,7 @@ they wait for its prompt to be computed and copy its KV, so the prompt is prefil
 """
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
@@ -111,7 +112,8 @@ def start(state: ServingState, rid: str, prompts: Sequence[list[int]], params: S
                 guide=state.guided.guide(grammar) if grammar is not None else None, follows=leader)
             leader = leader or request.request_id
             streams.append(state.engine.generate(request))
-    outputs = _merge(streams, state.settings.sse_keepalive_seconds)
+    timeout = state.settings.request_timeout_seconds
+    outputs = _merge(streams, state.settings.sse_keepalive_seconds, time.monotonic() + timeout if timeout else None)
     return outputs if record is None else _recorded(outputs, record, n)
 
 
@@ -135,21 +137,31 @@ async def collect(outputs: AsyncIterator[tuple[int, RequestOutput]], count: int)
             async for index, out in outputs:
                 if index != HEARTBEAT:
                     choices[index].add(out)
-    except EngineError as exc:
-        raise APIError(str(exc), status=500, code="engine_error") from None
+    except (EngineError, RequestTimeout) as exc:
+        raise api_error(exc) from None
     return choices
+
+
+class RequestTimeout(Exception):
+    """The request ran past request_timeout_seconds; its sequences are aborted."""
+
+
+def api_error(exc: EngineError | RequestTimeout) -> APIError:
+    if isinstance(exc, RequestTimeout):
+        return APIError(str(exc), status=504, code="request_timeout")
+    return APIError(str(exc), status=500, code="engine_error")
 
 
 _END = object()
 HEARTBEAT = -1  # the index of a (HEARTBEAT, None) item: nothing came for a while
 
 
-async def _merge(streams: list[AsyncIterator[RequestOutput]],
-                 heartbeat: float | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merge(streams: list[AsyncIterator[RequestOutput]], heartbeat: float | None = None,
+                 deadline: float | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Every output of every stream as it comes, and (HEARTBEAT, None) after each `heartbeat`
     seconds without one, so a stream handler can keep its connection alive. Closing this
     generator (a client gone, an error) cancels the pumps, and each stream's own cleanup aborts
-    its request in the engine."""
+    its request in the engine. Past `deadline` (time.monotonic()) it raises RequestTimeout."""
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
@@ -166,11 +178,18 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]],
     try:
         remaining = len(tasks)
         while remaining:
+            wait = heartbeat or None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RequestTimeout("the request did not finish within the server's request timeout")
+                wait = min(wait or left, left)
             try:
                 # Cancelling a queue.get() on timeout loses nothing, unlike cancelling a stream.
-                index, item = await asyncio.wait_for(queue.get(), heartbeat or None)
+                index, item = await asyncio.wait_for(queue.get(), wait)
             except TimeoutError:
-                yield HEARTBEAT, None
+                if heartbeat and (deadline is None or deadline > time.monotonic()):
+                    yield HEARTBEAT, None
                 continue
             if item is _END:
                 remaining -= 1

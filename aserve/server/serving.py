@@ -76,6 +76,7 @@ class ServingState:
     settings: ServerConfig = field(default_factory=ServerConfig)
     metrics: Metrics | None = None  # made in __post_init__ when not given
     in_flight: int = 0  # sequences of requests between admission and their response's end
+    draining: bool = False  # set on SIGTERM/SIGINT: running requests finish, new ones get 503
     # Templates and tokenization of long prompts take milliseconds: keep them off the event loop.
     tokenize_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-tokenize"))
@@ -136,6 +137,8 @@ class ServingState:
         bound only turns overload into timeouts. Counted here, when the handler commits to
         the request, because the engine sees a request only once its stream is first read.
         Yields the request's record, logged as one JSON line at the end (log_requests_json)."""
+        if self.draining:
+            raise APIError("the server is shutting down", status=503, code="shutting_down")
         limit = self.settings.max_waiting_requests
         # Every sequence past the KV slots waits for one, whether or not the engine has seen it yet.
         if self.in_flight + sequences - self.engine.scheduler.kv_cache.num_slots > limit:
