@@ -21,6 +21,8 @@ class ServerConfig:
     max_messages: int = 2048  # messages per chat request
     max_prompt_chars: int = 1_000_000  # characters of prompt text (messages or prompt) per request
     request_timeout_seconds: float = 0.0  # a request still unfinished after this long is ended with an error; 0: never
+    # A stream whose client takes no data for this long (its socket buffers full) is cut; 0: never.
+    stream_write_timeout_seconds: float = 30.0
     sse_keepalive_seconds: float = 5.0  # a stream with nothing to send for this long gets a ": keep-alive" comment
     log_requests_json: bool = False  # one JSON line per finished request on the aserve.requests logger
 

@@ -56,11 +56,11 @@ class Server:
 
 @asynccontextmanager
 async def serve(model_dir: Path, model_settings: dict[str, Any] | None = None,
-                **server_settings: Any) -> AsyncIterator[Server]:
+                engine_settings: dict[str, Any] | None = None, **server_settings: Any) -> AsyncIterator[Server]:
     # Built exactly as the CLI builds it (aserve/cli.py -> launch.build_state -> app).
     config = load_config(None, {
         "model": {"path": str(model_dir), "max_model_len": MAX_MODEL_LEN, **(model_settings or {})},
-        "engine": {"max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens": 64},
+        "engine": {"max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens": 64, **(engine_settings or {})},
         "server": {"max_body_bytes": MAX_BODY_BYTES, **server_settings},
     })
     state = build_state(config)

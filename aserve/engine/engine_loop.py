@@ -29,6 +29,10 @@ log = logging.getLogger("aserve.engine")
 class EngineError(Exception):
     """The engine failed this request; other requests go on."""
 
+    def __init__(self, message: str, code: str = "engine_error") -> None:
+        super().__init__(message)
+        self.code = code
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
@@ -60,6 +64,7 @@ class _Event:
     is_text: bool = True  # False for a stop token (EOS, stop_token_ids): counted, never shown
     finish_reason: str | None = None
     error: str | None = None
+    error_code: str = "engine_error"
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: list[TokenLogprobs] | None = None  # for some prompt tokens: one prefill chunk's
 
@@ -119,7 +124,7 @@ class EngineLoop:
                 text, finish_reason, logprobs = "", None, []
                 for event in events:
                     if event.error:
-                        raise EngineError(event.error)
+                        raise EngineError(event.error, event.error_code)
                     if event.prompt_logprobs is not None:
                         prompt_logprobs.extend(event.prompt_logprobs)
                         continue
@@ -161,11 +166,11 @@ class EngineLoop:
         if request_id in self._seqs:
             self._aborted.add(request_id)
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, code: str = "engine_unavailable") -> None:
         """Ends every open stream with an error (shutdown); the loop task is cancelled after."""
         self.healthy = False
         for queue in self._streams.values():
-            queue.put_nowait(_Event(error=reason))
+            queue.put_nowait(_Event(error=reason, error_code=code))
 
     def stats(self) -> dict[str, int]:
         kv = self.scheduler.kv_cache
@@ -231,7 +236,7 @@ class EngineLoop:
             try:
                 generator = torch.Generator(self.runner.device).manual_seed(request.params.seed)
             except (RuntimeError, ValueError, OverflowError) as exc:  # no request field may stop the loop
-                queue.put_nowait(_Event(error=f"invalid seed: {exc}"))
+                queue.put_nowait(_Event(error=f"invalid seed: {exc}", error_code="invalid_seed"))
                 return
         seq = Sequence(rid, list(request.prompt_ids), request.params, generator=generator, guide=request.guide,
                        wait_for=self._seqs.get(request.follows) if request.follows else None,
@@ -267,11 +272,11 @@ class EngineLoop:
                 out += StepOutput([None], [None], [None])
         return out
 
-    def _fail(self, seq: Sequence, message: str) -> None:
+    def _fail(self, seq: Sequence, message: str, code: str = "engine_error") -> None:
         self.scheduler.remove(seq, SequenceStatus.FINISHED_ERROR)
         self._seqs.pop(seq.request_id, None)
         if (queue := self._streams.get(seq.request_id)) is not None:
-            queue.put_nowait(_Event(error=message))
+            queue.put_nowait(_Event(error=message, error_code=code))
 
     def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         finish_reason = seq.finish_reason
@@ -286,7 +291,8 @@ class EngineLoop:
             if self.max_buffered_tokens and queue.qsize() >= self.max_buffered_tokens:
                 # Its client stopped reading (a stalled or very slow connection): never wait for
                 # it, and never let it hold a KV slot and memory without bound.
-                self._fail(seq, f"the client did not read its stream: {queue.qsize()} tokens were waiting")
+                self._fail(seq, f"the client did not read its stream: {queue.qsize()} tokens were waiting",
+                           "client_too_slow")
                 return
             is_text = not (finish_reason == "stop" and self.scheduler.ends(seq, token))
             queue.put_nowait(_Event(token, is_text, finish_reason, logprobs=logprobs))

@@ -43,9 +43,10 @@ async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
     state = app[ServingState.KEY]
     state.engine_task = asyncio.create_task(state.engine.run(), name="aserve-engine")
     yield
-    state.engine.close("the server is shutting down")
+    state.engine.close("the server is shutting down", "shutting_down")
     state.engine_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    # A loop that died has logged why already; shutting down must not fail over it again.
+    with contextlib.suppress(asyncio.CancelledError, Exception):
         await state.engine_task
     state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 

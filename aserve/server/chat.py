@@ -10,26 +10,22 @@ calls are read from that JSON.
 """
 
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 
 import orjson
 from aiohttp import web
 
-from aserve.engine.engine_loop import EngineError, RequestOutput
+from aserve.engine.engine_loop import RequestOutput
 from aserve.server import generation, protocol, responses
 from aserve.server.chat_prompt import chat_inputs
 from aserve.server.errors import APIError, json_response
 from aserve.server.logprobs import chat_logprobs
 from aserve.server.middleware import request_id
-from aserve.server.serving import ServingState
-from aserve.server.sse import SSEWriter
+from aserve.server.serving import RequestRecord, ServingState
+from aserve.server.streaming import write_stream
 from aserve.server.tool_parsers import ToolCall, new_call_id
-
-log = logging.getLogger("aserve.server")
 
 
 async def read_json(request: web.Request) -> object:
@@ -92,7 +88,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         outputs = generation.start(state, rid, [prompt_ids], params, n, grammar, record)
         reply = _Reply(state, req, rid, int(time.time()))
         if req.stream:
-            return await reply.stream(request, outputs, n)
+            return await reply.stream(request, outputs, n, record)
         return json_response(reply.complete(await generation.collect(outputs, n)))
 
 
@@ -127,37 +123,23 @@ class _Reply:
         return responses.chat_chunk(self.rid, self.state.model_name, self.created, index, delta, finish,
                                     self.include_usage, logprobs)
 
-    async def stream(self, request: web.Request, outputs: AsyncIterator[tuple[int, RequestOutput]],
-                     n: int) -> web.StreamResponse:
-        sse = SSEWriter(request)
+    async def stream(self, request: web.Request, outputs: AsyncIterator[tuple[int, RequestOutput]], n: int,
+                     record: RequestRecord) -> web.StreamResponse:
         choices = [generation.Choice(i) for i in range(n)]
         parsers = [self.state.tool_parser.streaming() for _ in range(n)] if self.parses_tools else None
-        # The generator is closed on every way out (finish, error, client gone), and closing it
-        # aborts the requests in the engine.
-        async with aclosing(outputs):
-            await sse.start()
-            for i in range(n):
-                await sse.send(self._chunk(i, {"role": "assistant", "content": ""}))
-            try:
-                async for i, out in outputs:
-                    if i == generation.HEARTBEAT:
-                        await sse.comment("keep-alive")
-                        continue
-                    choices[i].add(out)
-                    for chunk in self._deltas(i, out, parsers[i] if parsers else None, choices[i]):
-                        await sse.send(chunk)
-                if self.include_usage:
-                    await sse.send(responses.usage_chunk(self.rid, self.state.model_name, self.created,
-                                                         _usage(choices)))
-            except (EngineError, generation.RequestTimeout) as exc:
-                await sse.send(generation.api_error(exc).body())
-            except Exception:
-                # The 200 headers are out: a 500 response is no longer possible, so the stream
-                # itself must end, with an error event and [DONE], or the client waits forever.
-                log.exception("request %s failed mid-stream", self.rid)
-                await sse.send(APIError("internal server error", status=500).body())
-            await sse.done()
-        return sse.response
+
+        def render(i: int, out: RequestOutput) -> list[dict]:
+            choices[i].add(out)
+            return self._deltas(i, out, parsers[i] if parsers else None, choices[i])
+
+        def closing() -> list[dict]:
+            if not self.include_usage:
+                return []
+            return [responses.usage_chunk(self.rid, self.state.model_name, self.created, _usage(choices))]
+
+        opening = [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(n)]
+        return await write_stream(request, self.state, self.rid, outputs, render, opening=opening,
+                                  closing=closing, record=record)
 
     def _deltas(self, i: int, out: RequestOutput, parser, choice: generation.Choice) -> list[dict]:
         logprobs = self._logprobs(out) if out.logprobs else None

@@ -6,23 +6,20 @@ text, and with `logprobs` the prompt's tokens get logprobs too (the first one nu
 predicts it), which needs the whole prompt computed, so such a request skips the prefix cache.
 """
 
-import logging
 import time
 import uuid
-from contextlib import aclosing
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from aserve.engine.engine_loop import EngineError
+from aserve.engine.engine_loop import RequestOutput
 from aserve.server import generation, protocol, responses
 from aserve.server.chat import read_json
 from aserve.server.errors import APIError, json_response
 from aserve.server.logprobs import completion_logprobs
 from aserve.server.middleware import request_id
-from aserve.server.serving import ServingState
-from aserve.server.sse import SSEWriter
-
-log = logging.getLogger("aserve.server")
+from aserve.server.serving import RequestRecord, ServingState
+from aserve.server.streaming import write_stream
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for this endpoint
 
@@ -56,7 +53,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         outputs = generation.start(state, rid, prompts, params, n, grammar, record)
         reply = _Reply(state, req, rid, int(time.time()), prompts, echoes, n)
         if req.stream:
-            return await reply.stream(request, outputs)
+            return await reply.stream(request, outputs, record)
         return json_response(reply.complete(await generation.collect(outputs, n * len(prompts))))
 
 
@@ -86,40 +83,32 @@ class _Reply:
                                             self._logprobs(c.index, c, 0, first=True)) for c in choices]
         return responses.completion(self.rid, self.state.model_name, self.created, body, _usage(choices, self.n))
 
-    async def stream(self, request: web.Request, outputs) -> web.StreamResponse:
-        sse = SSEWriter(request)
+    async def stream(self, request: web.Request, outputs: AsyncIterator[tuple[int, RequestOutput]],
+                     record: RequestRecord) -> web.StreamResponse:
         choices = [generation.Choice(i) for i in range(self.n * len(self.prompts))]
         offsets = [0] * len(choices)  # text_offset of each choice's next token
-        async with aclosing(outputs):
-            await sse.start()
-            try:
-                async for i, out in outputs:
-                    if i == generation.HEARTBEAT:
-                        await sse.comment("keep-alive")
-                        continue
-                    first = choices[i].completion_tokens == 0 and not choices[i].text
-                    piece = generation.Choice(i)
-                    piece.add(out)
-                    choices[i].add(out)
-                    text = (self._echo(i) if first else "") + out.text
-                    logprobs = self._logprobs(i, piece, offsets[i], first)
-                    if logprobs is not None:
-                        offsets[i] += sum(map(len, logprobs["tokens"]))
-                    if text or logprobs or out.finish_reason:
-                        choice = responses.completion_choice(i, text, out.finish_reason, logprobs)
-                        await sse.send(responses.completion(self.rid, self.state.model_name, self.created,
-                                                            [choice], None))
-                if self.include_usage:
-                    await sse.send(responses.usage_chunk(self.rid, self.state.model_name, self.created,
-                                                         _usage(choices, self.n), "text_completion"))
-            except (EngineError, generation.RequestTimeout) as exc:
-                await sse.send(generation.api_error(exc).body())
-            except Exception:
-                # The 200 headers are out: the stream itself must end, with an error event and [DONE].
-                log.exception("request %s failed mid-stream", self.rid)
-                await sse.send(APIError("internal server error", status=500).body())
-            await sse.done()
-        return sse.response
+
+        def render(i: int, out: RequestOutput) -> list[dict]:
+            first = choices[i].completion_tokens == 0 and not choices[i].text
+            piece = generation.Choice(i)
+            piece.add(out)
+            choices[i].add(out)
+            text = (self._echo(i) if first else "") + out.text
+            logprobs = self._logprobs(i, piece, offsets[i], first)
+            if logprobs is not None:
+                offsets[i] += sum(map(len, logprobs["tokens"]))
+            if not (text or logprobs or out.finish_reason):
+                return []
+            choice = responses.completion_choice(i, text, out.finish_reason, logprobs)
+            return [responses.completion(self.rid, self.state.model_name, self.created, [choice], None)]
+
+        def closing() -> list[dict]:
+            if not self.include_usage:
+                return []
+            return [responses.usage_chunk(self.rid, self.state.model_name, self.created, _usage(choices, self.n),
+                                          "text_completion")]
+
+        return await write_stream(request, self.state, self.rid, outputs, render, closing=closing, record=record)
 
 
 def _usage(choices: list[generation.Choice], n: int) -> dict:

@@ -38,8 +38,8 @@ class APIError(Exception):
         return response
 
 
-# Called with (error type, status) for every error response, for metrics.
-ERROR_HOOK: web.AppKey[Callable[[str, int], None]] = web.AppKey("error_hook", Callable)
+# Called with (error type, status, code) for every error response, for metrics.
+ERROR_HOOK: web.AppKey[Callable[[str, int, str | None], None]] = web.AppKey("error_hook", Callable)
 
 
 @web.middleware
@@ -56,7 +56,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         log.exception("unhandled error in %s %s", request.method, request.path)
         error = APIError("internal server error", status=500)
     if (hook := request.app.get(ERROR_HOOK)) is not None:
-        hook(error.type, error.status)
+        hook(error.type, error.status, error.code)
     return error.response()
 
 

@@ -146,10 +146,13 @@ class RequestTimeout(Exception):
     """The request ran past request_timeout_seconds; its sequences are aborted."""
 
 
+_ENGINE_ERROR_STATUS = {"shutting_down": 503, "engine_unavailable": 503, "invalid_seed": 400, "client_too_slow": 408}
+
+
 def api_error(exc: EngineError | RequestTimeout) -> APIError:
     if isinstance(exc, RequestTimeout):
         return APIError(str(exc), status=504, code="request_timeout")
-    return APIError(str(exc), status=500, code="engine_error")
+    return APIError(str(exc), status=_ENGINE_ERROR_STATUS.get(exc.code, 500), code=exc.code)
 
 
 _END = object()
@@ -162,16 +165,19 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]], heartbeat: float |
     seconds without one, so a stream handler can keep its connection alive. Closing this
     generator (a client gone, an error) cancels the pumps, and each stream's own cleanup aborts
     its request in the engine. Past `deadline` (time.monotonic()) it raises RequestTimeout."""
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    # Bounded, so a consumer that stops (a handler blocked writing to a client that does not
+    # read) stops the pumps too: the tokens then wait in the engine, which counts them against
+    # max_buffered_tokens and drops the request past it, instead of piling up here unseen.
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=len(streams))
 
     async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
         try:
             async with aclosing(stream):
                 async for out in stream:
-                    queue.put_nowait((index, out))
+                    await queue.put((index, out))
         except Exception as exc:  # handed to the consumer, which raises it
-            queue.put_nowait((index, exc))
-        queue.put_nowait((index, _END))
+            await queue.put((index, exc))
+        await queue.put((index, _END))
 
     # Tasks start in creation order, so each prompt's first choice is queued before its followers.
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]

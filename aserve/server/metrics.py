@@ -28,8 +28,10 @@ class Metrics:
         self.generation_tokens = Counter("aserve:generation_tokens", "Tokens generated", **labels)
         self.success = Counter("aserve:request_success", "Requests that finished, by finish reason",
                                labelnames=["model_name", "finished_reason"], registry=self.registry)
-        self.errors = Counter("aserve:request_errors", "Requests answered with an error, by error type and status",
-                              labelnames=["model_name", "error_type", "status"], registry=self.registry)
+        self.errors = Counter("aserve:request_errors",
+                              "Requests answered with an error (a response or a stream's error event), by type, "
+                              "status and code", labelnames=["model_name", "error_type", "status", "code"],
+                              registry=self.registry)
         self.ttft = Histogram("aserve:time_to_first_token_seconds", "Arrival to first token",
                               buckets=_LATENCY_BUCKETS, **labels)
         self.itl = Histogram("aserve:inter_token_latency_seconds", "Gap between a request's successive tokens",
@@ -65,8 +67,8 @@ class Metrics:
 
     # ---- HTTP side ----
 
-    def on_error(self, error_type: str, status: int) -> None:
-        self.errors.labels(self._model, error_type, str(status)).inc()
+    def on_error(self, error_type: str, status: int, code: str | None) -> None:
+        self.errors.labels(self._model, error_type, str(status), code or "").inc()
 
     def render(self, stats: dict[str, int]) -> bytes:
         self.running.labels(self._model).set(stats["running"])

@@ -36,6 +36,7 @@ class RequestRecord:
     completion_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)
     status: int = 200
+    error: str | None = None  # the error code, also when a stream ended with an error event
     _choice_tokens: dict[int, int] = field(default_factory=dict)  # completion tokens per choice so far
 
     def add(self, index: int, out: Any, n: int) -> None:
@@ -55,7 +56,7 @@ class RequestRecord:
             "request_id": self.request_id, "model": self.model, "status": self.status,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "ttft_s": None if self.first_output is None else round(self.first_output - self.started, 4),
-            "total_s": round(now - self.started, 4), "finish_reasons": self.finish_reasons,
+            "total_s": round(now - self.started, 4), "finish_reasons": self.finish_reasons, "error": self.error,
         }).decode()
 
 
@@ -149,10 +150,10 @@ class ServingState:
         try:
             yield record
         except APIError as exc:
-            record.status = exc.status
+            record.status, record.error = exc.status, exc.code
             raise
         except asyncio.CancelledError:
-            record.status = 499  # the client went away (nginx's code for it)
+            record.status, record.error = 499, "client_gone"  # the client went away (nginx's code for it)
             raise
         except Exception:
             record.status = 500

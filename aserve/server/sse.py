@@ -1,5 +1,7 @@
 """Server-Sent Events framed exactly as OpenAI does: `data: <json>\\n\\n` ... `data: [DONE]\\n\\n`."""
 
+import asyncio
+
 import orjson
 from aiohttp import web
 
@@ -11,21 +13,46 @@ HEADERS = {
 }
 
 
+class ClientGone(Exception):
+    """The client closed the connection, or (`stalled`) stopped reading for longer than the write timeout."""
+
+    def __init__(self, message: str, stalled: bool = False) -> None:
+        super().__init__(message)
+        self.stalled = stalled
+
+
 class SSEWriter:
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, write_timeout: float | None = None) -> None:
+        """`write_timeout`: seconds one write may wait for the client to take data (None: forever)."""
         self._request = request
+        self._write_timeout = write_timeout or None
         self.response = web.StreamResponse(status=200, headers=HEADERS)
 
     async def start(self) -> None:
         await self.response.prepare(self._request)
 
     async def send(self, obj: dict) -> None:
-        await self.response.write(b"data: " + orjson.dumps(obj) + b"\n\n")
+        await self._write(b"data: " + orjson.dumps(obj) + b"\n\n")
 
     async def comment(self, text: str) -> None:
         """An SSE comment line: clients ignore it, proxies and browsers see the connection live."""
-        await self.response.write(b": " + text.encode() + b"\n\n")
+        await self._write(b": " + text.encode() + b"\n\n")
 
     async def done(self) -> None:
-        await self.response.write(b"data: [DONE]\n\n")
+        await self._write(b"data: [DONE]\n\n")
         await self.response.write_eof()
+
+    def abort(self) -> None:
+        """Cuts the connection: for a client that stopped reading, whose buffers hold unsent data."""
+        if (transport := self._request.transport) is not None:
+            transport.abort()
+
+    async def _write(self, data: bytes) -> None:
+        # A write waits only when the socket's buffers are full: the client stopped reading.
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await self.response.write(data)
+        except TimeoutError:
+            raise ClientGone(f"the client read nothing for {self._write_timeout} s", stalled=True) from None
+        except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError too
+            raise ClientGone(f"the client closed the connection ({exc})") from None

@@ -1,0 +1,73 @@
+"""One request's merged outputs written as an SSE stream: what chat and completions share.
+
+The endpoint says how an output becomes chunks (`render`); this module owns the stream's
+life. Whatever happens after the 200 headers, the stream ends in one of two ways: with
+`data: [DONE]` (after an error event if the request failed), or cut, when the client is
+gone or has stopped reading. Either way the outputs are closed, which aborts the request
+in the engine and frees its KV slot.
+"""
+
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import aclosing
+
+from aiohttp import web
+
+from aserve.engine.engine_loop import EngineError, RequestOutput
+from aserve.server import generation
+from aserve.server.errors import APIError
+from aserve.server.serving import RequestRecord, ServingState
+from aserve.server.sse import ClientGone, SSEWriter
+
+log = logging.getLogger("aserve.server")
+
+Render = Callable[[int, RequestOutput], Iterable[dict]]
+
+
+async def write_stream(request: web.Request, state: ServingState, rid: str,
+                       outputs: AsyncIterator[tuple[int, RequestOutput]], render: Render, *,
+                       opening: Iterable[dict] = (), closing: Callable[[], Iterable[dict]] = lambda: (),
+                       record: RequestRecord | None = None) -> web.StreamResponse:
+    """`opening`: chunks sent before any output; `closing()`: chunks after the last one (usage)."""
+    sse = SSEWriter(request, state.settings.stream_write_timeout_seconds)
+    try:
+        async with aclosing(outputs):
+            await sse.start()
+            try:
+                for chunk in opening:
+                    await sse.send(chunk)
+                async for index, out in outputs:
+                    if index == generation.HEARTBEAT:
+                        await sse.comment("keep-alive")
+                        continue
+                    for chunk in render(index, out):
+                        await sse.send(chunk)
+                for chunk in closing():
+                    await sse.send(chunk)
+            except (EngineError, generation.RequestTimeout) as exc:
+                await _send_error(sse, state, generation.api_error(exc), record)
+            except ClientGone:
+                raise
+            except Exception:
+                # The 200 headers are out: a 500 response is no longer possible, so the stream
+                # itself must end, with an error event and [DONE], or the client waits forever.
+                log.exception("request %s failed mid-stream", rid)
+                await _send_error(sse, state, APIError("internal server error", status=500), record)
+            await sse.done()
+    except ClientGone as exc:
+        log.info("request %s: stream cut: %s", rid, exc)
+        if record is not None:
+            record.status, record.error = 499, "client_gone"  # nginx's code for a client that left
+        if exc.stalled:
+            # Dropped by us, as the engine drops a client too slow to keep up; cut only now, its
+            # request closed, since a lost connection cancels this handler (handler_cancellation).
+            state.metrics.on_error("server_error", 408, "client_too_slow")
+            sse.abort()
+    return sse.response
+
+
+async def _send_error(sse: SSEWriter, state: ServingState, error: APIError, record: RequestRecord | None) -> None:
+    state.metrics.on_error(error.type, error.status, error.code)
+    if record is not None:
+        record.status, record.error = error.status, error.code
+    await sse.send(error.body())
