@@ -75,19 +75,17 @@ async def _serve(config: Config, state: "ServingState") -> None:
     print(f"aserve: serving {state.model_name!r} at http://{host}:{port} (OpenAI API under /v1)", flush=True)
     await stop.wait()
     print("aserve: shutting down", flush=True)
-    state.draining = True  # requests still arriving on open connections get 503 while the rest finish
-    # aiohttp gives open requests shutdown_timeout seconds to finish, but it cannot cancel a handler
-    # that waits on the engine: it then waits shutdown_timeout once more and cuts the connection, so a
-    # stream lost its [DONE] and stopping took twice the timeout. So end the engine's streams when the
-    # grace period is over: they close with an error event and [DONE] and their handlers return. This
-    # happens a moment *before* aiohttp's own deadline: a handler returning at the very moment that
-    # deadline passes makes aiohttp log an InvalidStateError traceback (its _handler_waiter race).
-    grace = max(config.server.shutdown_timeout, 0.0)
-    deadline = loop.call_later(grace - min(0.5, grace / 4), state.engine.close, "the server is shutting down")
-    try:
-        await runner.cleanup()
-    finally:
-        deadline.cancel()
+    # Stop taking requests: the socket stays open, so a new request hears why (503 shutting_down)
+    # instead of a refused connection. Running requests get shutdown_timeout seconds to finish;
+    # then the engine ends the rest, each stream with an error event and [DONE], and only then
+    # does aiohttp close the connections, its handlers all done (one still running when aiohttp's
+    # own timeout ran out would lose its [DONE] and make aiohttp log a traceback).
+    state.draining = True
+    deadline = loop.time() + max(config.server.shutdown_timeout, 0.0)
+    while state.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    state.engine.close("the server is shutting down", "shutting_down")
+    await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

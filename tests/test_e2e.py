@@ -364,29 +364,48 @@ async def test_multibyte_stream_matches_non_stream(server: ServerProcess, http: 
     assert chunks[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
 
 
+async def _until_first_token(lines: AsyncIterator[bytes]) -> None:
+    while b'"content":"' not in (line := await anext(lines)) or b'"content":""' in line:
+        pass
+
+
+def _data(lines: list[bytes]) -> list[bytes]:
+    return [line[len(b"data: "):].strip() for line in lines if line.startswith(b"data: ")]
+
+
 @pytest.mark.e2e
-async def test_sigterm_with_a_stream_in_flight(http: aiohttp.ClientSession) -> None:
-    """SIGTERM stops the server cleanly (exit 0, no traceback), also with a long stream still open:
-    the stream gets shutdown_timeout seconds, then ends with an error event and [DONE]."""
-    grace = 1.0
+async def test_sigterm_drains_then_ends_the_streams_left(http: aiohttp.ClientSession) -> None:
+    """SIGTERM: new requests get 503 while running ones drain; a stream that finishes within
+    shutdown_timeout ends normally, one that does not ends with an error event and [DONE]; the
+    server exits 0 with no traceback."""
+    grace = 3.0
     srv = await asyncio.to_thread(_start, "--shutdown-timeout", str(grace))
+    url = srv.url + "/v1/chat/completions"
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT_S):
-            async with http.post(srv.url + "/v1/chat/completions",
-                                 json=_payload(STORY, stream=True, max_tokens=500)) as resp:
-                assert resp.status == 200
-                lines = aiter(resp.content)
-                while b'"content":"' not in (line := await anext(lines)) or b'"content":""' in line:
-                    pass  # until the first token arrived
+            async with http.post(url, json=_payload(STORY, stream=True, max_tokens=800, ignore_eos=True)) as long, \
+                    http.post(url, json=_payload(CAPITAL, stream=True, max_tokens=8)) as short:
+                assert long.status == short.status == 200
+                long_lines, short_lines = aiter(long.content), aiter(short.content)
+                await _until_first_token(long_lines)
+                await _until_first_token(short_lines)
                 stopping = asyncio.create_task(asyncio.to_thread(srv.assert_clean_exit, signal.SIGTERM))
-                rest = [line async for line in lines]
+                short_rest = [line async for line in short_lines]
+                async with aiohttp.ClientSession() as fresh:  # a new connection, while draining
+                    async with fresh.post(url, json=_payload(CAPITAL, stream=True, max_tokens=4)) as refused:
+                        refused_status, refused_body = refused.status, await refused.json()
+                long_rest = [line async for line in long_lines]
             elapsed = await stopping
     finally:
         srv.kill()
-    data = [line[len(b"data: "):].strip() for line in rest if line.startswith(b"data: ")]
-    assert data and data[-1] == b"[DONE]", rest[-3:]
-    last = orjson.loads(data[-2])
-    assert "shutting down" in last["error"]["message"], last
+    short_data = _data(short_rest)
+    assert short_data[-1] == b"[DONE]" and orjson.loads(short_data[-2])["choices"][0]["finish_reason"] in ("stop",
+                                                                                                         "length")
+    assert refused_status == 503 and refused_body["error"]["code"] == "shutting_down", refused_body
+    long_data = _data(long_rest)
+    assert long_data and long_data[-1] == b"[DONE]", long_rest[-3:]
+    last = orjson.loads(long_data[-2])
+    assert last["error"]["code"] == "shutting_down" and "shutting down" in last["error"]["message"], last
     assert elapsed < grace + 3.0, f"took {elapsed:.1f} s to stop with shutdown_timeout {grace}"
 
 
