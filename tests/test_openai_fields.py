@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import aiohttp
@@ -211,16 +212,35 @@ async def test_bad_completion_requests_are_400(server, client, body, param):
 # ------------------------------------------------------------------ n
 
 
-async def test_chat_n_gives_n_choices_from_one_prefill(server, client):
-    before = (await post(client, server.url, None, path="/health", method="GET")).body
-    body = await chat(client, server, messages=HELLO, n=3, max_tokens=4, temperature=1.0, seed=1, ignore_eos=True)
-    after = (await post(client, server.url, None, path="/health", method="GET")).body
+async def prompt_tokens_computed(client, server: Server) -> float:
+    from test_operations import scrape, value
+
+    return value(await scrape(client, server), "aserve:prompt_tokens_total")
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+async def test_chat_n_gives_n_choices_from_one_prefill(tiny_llama_dir, client, prefix_caching):
+    async with serve(tiny_llama_dir, engine_settings={"enable_prefix_caching": prefix_caching}) as s:
+        body = await chat(client, s, messages=HELLO, n=3, max_tokens=4, temperature=1.0, seed=1, ignore_eos=True)
+        computed = await prompt_tokens_computed(client, s)
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     assert body["usage"]["completion_tokens"] == 12
-    # The two later choices copied all but the last prompt token from the first one's slot.
-    reused = after["prefix_cache_tokens_reused"] - before["prefix_cache_tokens_reused"]
-    assert reused >= 2 * (body["usage"]["prompt_tokens"] - 1)
+    # The first choice computed the prompt; the two others copied all of it but the last token.
+    assert computed == body["usage"]["prompt_tokens"] + 2
     assert len({c["message"]["content"] for c in body["choices"]}) > 1  # sampled with different seeds
+
+
+async def test_completions_n_with_echoed_logprobs_share_one_prefill(tiny_llama_dir, client):
+    # Prompt logprobs need every prompt position computed: once, by the first choice.
+    async with serve(tiny_llama_dir) as s:
+        body = await complete(client, s, prompt="Hello there, how are you", n=3, max_tokens=2, echo=True,
+                              logprobs=1, **GREEDY)
+        computed = await prompt_tokens_computed(client, s)
+    prompt_len = body["usage"]["prompt_tokens"]
+    assert computed == prompt_len + 2
+    prompts = [c["logprobs"]["token_logprobs"][:prompt_len] for c in body["choices"]]
+    assert prompts[0][0] is None and all(v is not None for v in prompts[0][1:])
+    assert prompts[1] == prompts[0] and prompts[2] == prompts[0]
 
 
 async def test_streamed_chat_n_has_every_index(server, client):
@@ -285,6 +305,19 @@ async def test_min_tokens_holds_back_a_stop_token(server, client):
 async def test_user_and_max_completion_tokens(server, client):
     body = await chat(client, server, messages=HELLO, user="u-42", max_completion_tokens=3, **GREEDY)
     assert body["usage"]["completion_tokens"] == 3
+
+
+async def test_completions_take_max_completion_tokens_too(server, client):
+    body = await complete(client, server, prompt="Hello", max_completion_tokens=3, **GREEDY)
+    assert body["usage"]["completion_tokens"] == 3  # not the endpoint's default of 16
+
+
+@pytest.mark.parametrize(("ignore_eos", "finish", "tokens"), [(False, "stop", 1), (True, "length", 5)])
+async def test_ignore_eos_generates_past_the_eos_token(server, client, ignore_eos, finish, tokens):
+    eos = server.state.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    body = await complete(client, server, prompt="Hello", max_tokens=5, temperature=0, logit_bias={str(eos): 100},
+                          ignore_eos=ignore_eos)
+    assert (body["choices"][0]["finish_reason"], body["usage"]["completion_tokens"]) == (finish, tokens)
 
 
 # ------------------------------------------------------------------ chat logprobs and messages
@@ -533,17 +566,27 @@ class ScriptedRunner:
         return StepOutput(tokens, out.logprobs, out.prompt_logprobs)
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def scripted(templated_server):
-    """The server's engine, made to answer with a tool call (restored after the test)."""
-    server = templated_server
+@contextmanager
+def scripted_output(server: Server, text: str) -> Iterator[Server]:
+    """The server's engine, made to answer every request with `text` (restored after)."""
     state = server.state
     original = state.engine.runner
-    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     script = state.tokenizer.encode(text, add_special_tokens=False)
     state.engine.runner = ScriptedRunner(original, script, state.tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    yield server
-    state.engine.runner = original
+    try:
+        yield server
+    finally:
+        state.engine.runner = original
+
+
+CALL_TEXT = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def scripted(templated_server):
+    """The server's engine, made to answer with a tool call."""
+    with scripted_output(templated_server, CALL_TEXT) as server:
+        yield server
 
 
 async def test_auto_tool_call_is_parsed_from_the_text(scripted, client):
@@ -570,6 +613,50 @@ async def test_without_tools_the_same_text_stays_content(scripted, client):
     assert "<tool_call>" in text_of(body) and "tool_calls" not in body["choices"][0]["message"]
     assert body["choices"][0]["finish_reason"] == "stop"
 
+
+async def test_with_tool_choice_none_call_text_stays_content(scripted, client):
+    body = await chat(client, scripted, messages=HELLO, tools=[WEATHER], tool_choice="none", max_tokens=100)
+    assert text_of(body) == CALL_TEXT and "tool_calls" not in body["choices"][0]["message"]
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+BROKEN_CALL = 'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par\n</tool_call>'
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_call_that_is_not_valid_json_stays_text(templated_server, client, streamed):
+    with scripted_output(templated_server, BROKEN_CALL) as server:
+        if streamed:
+            s = await stream(client, server, messages=HELLO, tools=[WEATHER], max_tokens=100)
+            text, finish = s.text, s.finish_reason
+            assert not any("tool_calls" in c["choices"][0]["delta"] for c in s.chunks)
+        else:
+            body = await chat(client, server, messages=HELLO, tools=[WEATHER], max_tokens=100)
+            text, finish = text_of(body), body["choices"][0]["finish_reason"]
+            assert "tool_calls" not in body["choices"][0]["message"]
+    assert (text, finish) == (BROKEN_CALL, "stop")
+
+
+async def test_openai_sdk_multi_turn_tool_history_as_the_sdk_sends_it(scripted):
+    """OpenAI's multi-turn example, verbatim: the SDK's own returned message object goes back
+    into `messages` (with its null refusal, annotations, audio and function_call fields),
+    followed by a tool message answering its call id."""
+    import openai
+
+    sdk = openai.AsyncOpenAI(base_url=scripted.url + "/v1", api_key="unused", max_retries=0)
+    messages: list[Any] = [{"role": "user", "content": "What's the weather like in Paris today?"}]
+    completion = await sdk.chat.completions.create(model=scripted.model, messages=messages, tools=[WEATHER],
+                                                   max_tokens=100)
+    assert completion.choices[0].message.tool_calls, completion
+    tool_call = completion.choices[0].message.tool_calls[0]
+    messages.append(completion.choices[0].message)
+    messages.append({"role": "tool", "tool_call_id": tool_call.id, "content": "18C and sunny"})
+    second = await sdk.chat.completions.create(model=scripted.model, messages=messages, tools=[WEATHER],
+                                               max_tokens=100)
+    await sdk.close()
+    assert tool_call.function.name == "get_weather" and json.loads(tool_call.function.arguments) == {"city": "Paris"}
+    assert second.usage.prompt_tokens > completion.usage.prompt_tokens  # the history was read, not refused
+    assert_valid("CreateChatCompletionResponse", second.model_dump(mode="json", exclude_unset=True))
 
 
 @pytest.mark.parametrize(("extra", "param"), [

@@ -87,11 +87,12 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes + pool
 
     def take_slot(self, prompt: Sequence[int], in_use: Iterable[tuple[int, Sequence[int]]] = (),
-                  reuse: bool = True) -> tuple[int, int] | None:
+                  reuse: bool = True, leader: tuple[int, Sequence[int]] | None = None) -> tuple[int, int] | None:
         """Returns (slot, how many leading prompt tokens that slot already holds), or None
         when every slot is in use. `in_use`: (slot, tokens it holds) of the slots in use, whose
         prefixes may be copied. `reuse=False`: compute the whole prompt (prompt logprobs need
-        logits at every position)."""
+        logits at every position). `leader`: the slot in use of an earlier choice of the same
+        n>1 request, whose prompt is copied whatever the cache settings: n choices share one prefill."""
         if not self._free:
             return None
         slot, cached, source = next(iter(self._free)), 0, None
@@ -103,10 +104,10 @@ class KVCache:
                 n = min(common_prefix_len(tokens, prompt), usable)
                 if n > cached:
                     slot, cached = candidate, n
-            for candidate, tokens in in_use:
-                n = min(common_prefix_len(tokens, prompt), usable)
-                if n > cached:
-                    source, cached = candidate, n
+        for candidate, tokens in [*(in_use if reuse else ()), *([leader] if leader is not None else [])]:
+            n = min(common_prefix_len(tokens, prompt), usable)
+            if n > cached:
+                source, cached = candidate, n
         pooled = self.pool.lookup(prompt, usable) if self.pool is not None and reuse else []
         pooled_len = len(pooled) * self.pool.block_size if pooled else 0
         if pooled_len > cached or source is not None:

@@ -86,8 +86,13 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> Sequence:
         in_use = ((s.slot, s.tokens(0, s.num_computed)) for s in self.running if s.num_computed)
+        # Prompt logprobs need every prompt position computed, except for a later choice of an
+        # n>1 request: its prompt's logprobs are its leader's, so it copies the leader's KV.
         reuse = seq.params.prompt_logprobs is None
-        seq.slot, seq.num_computed = self.kv_cache.take_slot(seq.prompt_ids, in_use, reuse)
+        leader = seq.wait_for
+        shared = (leader.slot, leader.tokens(0, leader.num_computed)) if (
+            leader is not None and not leader.status.finished and leader.num_computed) else None
+        seq.slot, seq.num_computed = self.kv_cache.take_slot(seq.prompt_ids, in_use, reuse, shared)
         seq.num_cached_prompt = seq.num_computed
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)

@@ -44,7 +44,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     grammar = await generation.compile_response_format(state, req.response_format)
     echo_logprobs = req.logprobs if req.echo else None
     params = generation.sampling_params(req, max(map(len, prompts)), state,
-                                        max_tokens=req.max_tokens or DEFAULT_MAX_TOKENS,
+                                        max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
                                         logprobs=req.logprobs, prompt_logprobs=echo_logprobs)
     n = req.n or 1
     echoes = [await state.decode(p) for p in prompts] if req.echo else None
@@ -67,26 +67,31 @@ class _Reply:
     def _echo(self, index: int) -> str:
         return self.echoes[index // self.n] if self.echoes is not None else ""
 
-    def _logprobs(self, index: int, choice: generation.Choice, offset: int, first: bool) -> dict | None:
+    def _logprobs(self, index: int, choice: generation.Choice, offset: int, first: bool,
+                  prompt_logprobs: list | None = None) -> dict | None:
         """Logprobs of what `choice` holds: its new tokens, and on the first output of an
-        echoed choice the prompt's tokens before them."""
+        echoed choice the prompt's tokens before them (`prompt_logprobs`: the prompt's first
+        choice's, which computed the prompt for all n)."""
         if self.req.logprobs is None:
             return None
         tokens, entries = [e.token for e in choice.logprobs], list(choice.logprobs)
         if first and self.echoes is not None:
             prompt = self.prompts[index // self.n]
-            tokens, entries = prompt + tokens, (choice.prompt_logprobs or [None] * len(prompt)) + entries
+            tokens, entries = prompt + tokens, (prompt_logprobs or [None] * len(prompt)) + entries
         return completion_logprobs(tokens, entries, self.state.token_text, offset)
 
     def complete(self, choices: list[generation.Choice]) -> dict:
         body = [responses.completion_choice(c.index, self._echo(c.index) + c.text, c.finish_reason,
-                                            self._logprobs(c.index, c, 0, first=True)) for c in choices]
+                                            self._logprobs(c.index, c, 0, True,
+                                                           choices[c.index - c.index % self.n].prompt_logprobs))
+                for c in choices]
         return responses.completion(self.rid, self.state.model_name, self.created, body, _usage(choices, self.n))
 
     async def stream(self, request: web.Request, outputs: AsyncIterator[tuple[int, RequestOutput]],
                      record: RequestRecord) -> web.StreamResponse:
         choices = [generation.Choice(i) for i in range(self.n * len(self.prompts))]
         offsets = [0] * len(choices)  # text_offset of each choice's next token
+        prompt_logprobs: dict[int, list] = {}  # by prompt, from its first choice (which comes first)
 
         def render(i: int, out: RequestOutput) -> list[dict]:
             first = choices[i].completion_tokens == 0 and not choices[i].text
@@ -94,7 +99,9 @@ class _Reply:
             piece.add(out)
             choices[i].add(out)
             text = (self._echo(i) if first else "") + out.text
-            logprobs = self._logprobs(i, piece, offsets[i], first)
+            if out.prompt_logprobs is not None and i % self.n == 0:
+                prompt_logprobs[i // self.n] = out.prompt_logprobs
+            logprobs = self._logprobs(i, piece, offsets[i], first, prompt_logprobs.get(i // self.n))
             if logprobs is not None:
                 offsets[i] += sum(map(len, logprobs["tokens"]))
             if not (text or logprobs or out.finish_reason):

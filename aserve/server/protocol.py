@@ -100,6 +100,9 @@ class _GenerationRequest(_Lenient):
     top_k: Annotated[int | None, Field(ge=-1)] = None  # vLLM extension; -1 or 0: off
     seed: Annotated[int | None, Field(ge=-(2**63), lt=2**63)] = None  # what torch.Generator takes, with room for n
     max_tokens: Annotated[int | None, Field(ge=1)] = None
+    # OpenAI's newer name for max_tokens on chat; also taken on /v1/completions (aserve extension).
+    # It wins where both are given.
+    max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
     stop: str | list[str] | None = None
     n: Annotated[int | None, Field(ge=1, le=MAX_N)] = None
     presence_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
@@ -136,7 +139,6 @@ class _GenerationRequest(_Lenient):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
     tools: list[Tool] | None = None
