@@ -25,6 +25,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from openapi_schema import assert_valid
 from aiohttp_sse_client.client import READY_STATE_CONNECTING, EventSource
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -258,6 +259,9 @@ def test_openai_sdk_sync(server: ServerProcess) -> None:
         chunks = list(client.chat.completions.create(
             model=server.model_name, messages=CAPITAL, temperature=0, max_tokens=64, stream=True,
             stream_options={"include_usage": True}))
+    assert_valid("CreateChatCompletionResponse", resp.model_dump(mode="json", exclude_unset=True))
+    for chunk in chunks:
+        assert_valid("CreateChatCompletionStreamResponse", chunk.model_dump(mode="json", exclude_unset=True))
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "Paris" in content
     assert content == choice.message.content  # temperature 0: the same text either way
@@ -276,6 +280,37 @@ async def test_openai_sdk_async_stream(server: ServerProcess) -> None:
                                                       temperature=0, max_tokens=64, stream=True)
         parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
     assert "Paris" in "".join(parts)
+
+
+@pytest.mark.e2e
+async def test_openai_sdk_async_non_stream_with_a_json_schema(server: ServerProcess) -> None:
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0,
+                                  timeout=REQUEST_TIMEOUT_S) as client:
+        resp = await client.chat.completions.create(
+            model=server.model_name, response_format=fmt, max_tokens=120, temperature=0,
+            messages=[{"role": "user", "content": "Invent a person. Reply in JSON with name, age and city."}])
+    assert_valid("CreateChatCompletionResponse", resp.model_dump(mode="json", exclude_unset=True))
+    assert resp.choices[0].finish_reason == "stop"
+    jsonschema.validate(orjson.loads(resp.choices[0].message.content), PERSON)
+
+
+@pytest.mark.e2e
+def test_openai_sdk_sync_completions_stream(server: ServerProcess) -> None:
+    from test_openai_fields import assert_valid_completion
+
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0,
+                       timeout=REQUEST_TIMEOUT_S) as client:
+        whole = client.completions.create(model=server.model_name, prompt="The capital of France is",
+                                          max_tokens=8, temperature=0)
+        chunks = list(client.completions.create(model=server.model_name, prompt="The capital of France is",
+                                                max_tokens=8, temperature=0, stream=True))
+    for chunk in chunks:
+        assert_valid_completion(chunk.model_dump(mode="json", exclude_unset=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
 @pytest.mark.e2e
@@ -439,6 +474,7 @@ async def test_guided_json_schema_twenty_requests_all_validate(server: ServerPro
     async with asyncio.timeout(4 * REQUEST_TIMEOUT_S):
         results = await asyncio.gather(*(one(seed) for seed in range(20)))
     for body in results:
+        assert_valid("CreateChatCompletionResponse", body)
         assert body["choices"][0]["finish_reason"] == "stop"
         jsonschema.validate(orjson.loads(body["choices"][0]["message"]["content"]), PERSON)
     assert len({b["choices"][0]["message"]["content"] for b in results}) > 1

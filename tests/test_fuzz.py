@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -39,8 +40,16 @@ def base_url(tiny_llama_dir) -> Iterator[str]:
     thread.start()
     assert started.wait(60), "the server did not start"
     yield ready["url"]
+    # After all of it, the server is whole: healthy, nothing running or waiting, every KV slot free.
+    for _ in range(100):
+        with urllib.request.urlopen(ready["url"] + "/health", timeout=TIMEOUT_S) as resp:
+            health = json.loads(resp.read())
+        if health["running"] == health["waiting"] == 0 and health["kv_slots_free"] == health["kv_slots_total"]:
+            break
+        time.sleep(0.05)
     loop.call_soon_threadsafe(stop.set)
     thread.join(30)
+    assert health["status"] == "ok" and health["kv_slots_free"] == health["kv_slots_total"], health
 
 
 def send(url: str, body: bytes) -> tuple[int, bytes]:
@@ -58,6 +67,10 @@ def check(status: int, raw: bytes) -> None:
         assert_valid("ErrorResponse", json.loads(raw))
     elif raw.startswith(b"data: "):
         assert raw.endswith(b"data: [DONE]\n\n"), raw[-200:]
+        for event in raw.split(b"\n\n")[:-2]:
+            chunk = json.loads(event[len(b"data: "):])
+            if "error" in chunk:  # a stream that failed after its 200 says why, in OpenAI's shape
+                assert_valid("ErrorResponse", chunk)
 
 
 scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=20)

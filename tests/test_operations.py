@@ -71,11 +71,20 @@ async def test_metrics_count_tokens_requests_and_latencies(server, client):
     assert delta("aserve:engine_step_batch_size_sum") >= 5
 
 
-async def test_metrics_show_the_engine_state(server, client):
-    samples = await scrape(client, server)
-    assert value(samples, "aserve:num_requests_running") == 0
-    assert value(samples, "aserve:num_requests_waiting") == 0
-    assert value(samples, "aserve:kv_cache_usage_perc") == 0
+async def test_metrics_show_the_engine_state(tiny_llama_dir, client, monkeypatch):
+    async with serve(tiny_llama_dir) as s:
+        slow_engine(s.state, monkeypatch, 0.02)
+        body = {"messages": HELLO, "max_tokens": 40, "ignore_eos": True}
+        requests = [asyncio.create_task(post(client, s.url, body)) for _ in range(6)]  # 4 slots: 2 wait
+        await until(lambda: s.state.engine.stats()["running"] == 4 and s.state.engine.stats()["waiting"] == 2)
+        busy = await scrape(client, s)
+        await asyncio.gather(*requests)
+        idle = await scrape(client, s)
+    assert [value(busy, name) for name in STATE_GAUGES] == [4, 2, 1.0]
+    assert [value(idle, name) for name in STATE_GAUGES] == [0, 0, 0]
+
+
+STATE_GAUGES = ["aserve:num_requests_running", "aserve:num_requests_waiting", "aserve:kv_cache_usage_perc"]
 
 
 async def test_metrics_count_errors_by_type(server, client):
@@ -115,7 +124,7 @@ async def test_an_unsafe_request_id_is_replaced(server, client):
 # ------------------------------------------------------------------ API key
 
 
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"bearer {KEY}", KEY])
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {KEY}", KEY, f"Bearer {KEY}x"])
 async def test_a_missing_or_wrong_key_is_401(keyed, client, authorization):
     headers = {"Authorization": authorization} if authorization else {}
     for path, body in (("/v1/chat/completions", {"messages": HELLO}), ("/v1/completions", {"prompt": "x"}),
@@ -128,8 +137,9 @@ async def test_a_missing_or_wrong_key_is_401(keyed, client, authorization):
     assert reply.status == 401
 
 
-async def test_the_right_key_is_let_in_and_health_and_metrics_stay_open(keyed, client):
-    auth = {"Authorization": f"Bearer {KEY}"}
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer"])  # the scheme is case-insensitive (RFC 9110)
+async def test_the_right_key_is_let_in_and_health_and_metrics_stay_open(keyed, client, scheme):
+    auth = {"Authorization": f"{scheme} {KEY}"}
     reply = await post(client, keyed.url, {"messages": HELLO, "max_tokens": 1}, headers=auth)
     assert reply.status == 200
     assert (await post(client, keyed.url, None, path="/health", method="GET")).status == 200
@@ -240,6 +250,7 @@ async def test_one_json_log_line_per_request(tiny_llama_dir, client, caplog):
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "aserve.requests"]
     assert [(x["request_id"], x["status"]) for x in lines] == [("log-1", 200)]  # the 400 came before admission
     line = lines[0]
+    assert line["id"].startswith("chatcmpl-") and line["model"] == s.model and line["error"] is None
     assert line["completion_tokens"] == 6 and line["finish_reasons"] == ["length", "length"]
     assert line["prompt_tokens"] > 0 and 0 < line["ttft_s"] <= line["total_s"]
 

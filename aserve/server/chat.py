@@ -84,7 +84,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                                         logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     n = req.n or 1
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    with state.admit(n, request_id(request)) as record:
+    with state.admit(n, request_id(request), rid) as record:
         outputs = generation.start(state, rid, [prompt_ids], params, n, grammar, record)
         reply = _Reply(state, req, rid, int(time.time()))
         if req.stream:

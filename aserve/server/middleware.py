@@ -28,15 +28,17 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
 
 
 def api_key_middleware(api_key: str, protect_metrics: bool):
-    expected = f"Bearer {api_key}".encode()
+    expected = api_key.encode()
 
     @web.middleware
     async def check(request: web.Request, handler) -> web.StreamResponse:
         open_path = request.path in OPEN_PATHS or (request.path == "/metrics" and not protect_metrics)
         # Preflight requests carry no credentials by design (the CORS layer answers them).
         if not open_path and request.method != "OPTIONS":
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):  # constant time: no key guessing by timing
+            scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+            # The scheme is case-insensitive (RFC 9110); the key is compared in constant time, so
+            # no one can guess it by timing.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
                 raise APIError("invalid or missing API key: send 'Authorization: Bearer <key>'", status=401,
                                code="invalid_api_key")
         return await handler(request)

@@ -30,6 +30,7 @@ class RequestRecord:
 
     request_id: str
     model: str
+    response_id: str | None = None  # the response's `id` (chatcmpl-..., cmpl-...), also in the engine's logs
     started: float = field(default_factory=time.monotonic)
     first_output: float | None = None
     prompt_tokens: int = 0
@@ -53,7 +54,7 @@ class RequestRecord:
     def to_json(self) -> str:
         now = time.monotonic()
         return orjson.dumps({
-            "request_id": self.request_id, "model": self.model, "status": self.status,
+            "request_id": self.request_id, "id": self.response_id, "model": self.model, "status": self.status,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "ttft_s": None if self.first_output is None else round(self.first_output - self.started, 4),
             "total_s": round(now - self.started, 4), "finish_reasons": self.finish_reasons, "error": self.error,
@@ -132,7 +133,7 @@ class ServingState:
             raise APIError("the engine is not running", status=503, code="engine_unavailable")
 
     @contextmanager
-    def admit(self, sequences: int, request_id: str) -> Iterator[RequestRecord]:
+    def admit(self, sequences: int, request_id: str, response_id: str | None = None) -> Iterator[RequestRecord]:
         """Holds `sequences` places for a request's lifetime, or refuses it with a 503 at once
         when more than max_waiting_requests would be waiting for a KV slot: queuing without
         bound only turns overload into timeouts. Counted here, when the handler commits to
@@ -146,7 +147,7 @@ class ServingState:
             raise APIError(f"the server is busy: {limit} requests are already waiting; retry later",
                            status=503, code="server_busy", headers={"Retry-After": "1"})
         self.in_flight += sequences
-        record = RequestRecord(request_id, self.model_name)
+        record = RequestRecord(request_id, self.model_name, response_id)
         try:
             yield record
         except APIError as exc:
