@@ -248,8 +248,9 @@ async def raise_with_body(resp: aiohttp.ClientResponse) -> None:
         raise HTTPStatusError(f"HTTP {resp.status}: {body}")
 
 
-def build_payload(model: str, index: int, max_tokens: int, temperature: float) -> dict[str, Any]:
-    return {
+def build_payload(model: str, index: int, max_tokens: int, temperature: float,
+                  ignore_eos: bool = False) -> dict[str, Any]:
+    payload = {
         "model": model,
         "messages": list(PROMPTS[index % len(PROMPTS)]),
         "stream": True,
@@ -257,6 +258,9 @@ def build_payload(model: str, index: int, max_tokens: int, temperature: float) -
         "temperature": temperature,
         "stream_options": {"include_usage": True},
     }
+    if ignore_eos:  # vLLM's extension: every request runs to max_tokens
+        payload["ignore_eos"] = True
+    return payload
 
 
 # ---------------------------------------------------------------------------
@@ -295,6 +299,9 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model id (default: the server's first /v1/models id)")
     parser.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default %(default)s)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="send ignore_eos (vLLM extension): each request runs to max_tokens, so N clients keep "
+                             "N sequences decoding, as the runner ceiling's fixed batch does")
     parser.add_argument("--warmup", type=int, default=1,
                         help="unmeasured requests sent before the first level (default %(default)s)")
     parser.add_argument("--request-timeout", type=float, default=300.0,
@@ -490,7 +497,7 @@ async def client_worker(
     # the total per level is fixed and prompts are assigned deterministically.
     results = []
     for index in indices:
-        payload = build_payload(model, index, args.max_tokens, args.temperature)
+        payload = build_payload(model, index, args.max_tokens, args.temperature, args.ignore_eos)
         results.append(await stream_one(session, chat_url, payload, index, args.request_timeout,
                                         args.end_at_finish))
         if on_result is not None:  # e.g. a progress bar (bench/sweep.py)
