@@ -48,7 +48,7 @@ class EngineConfig:
     # Work per step for a long prompt (> max_num_batched_tokens uncached tokens) while other
     # streams decode: smaller keeps their token gaps even, larger gets the long prompt its first
     # token sooner (README "Chunked prefill"); 0: no cap beyond max_num_batched_tokens.
-    prefill_budget_while_decoding: int = 32
+    prefill_budget_while_decoding: int = 16
     enable_prefix_caching: bool = True  # a prompt that starts like a finished request's reuses its cached KV
     prefix_pool_tokens: int = 16384  # prefix cache beyond the slots, in positions (16-token blocks); 0: none
     # Tokens a request may have waiting for its client: past it, a client that reads too slowly is
