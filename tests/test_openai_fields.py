@@ -435,6 +435,19 @@ async def test_tokenize_messages_matches_the_chat_prompt(server, client):
     assert len(tokens) == body["usage"]["prompt_tokens"]
 
 
+@pytest.mark.parametrize("add_special_tokens", [False, True])
+async def test_tokenize_messages_adds_special_tokens_only_when_asked(server, client, monkeypatch, add_special_tokens):
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = server.state.tokenizer
+    plain = await tokenize(client, server, messages=HELLO)
+    marker = tokenizer.convert_tokens_to_ids("<|im_start|>")  # a tokenizer that prepends a BOS-like token
+    monkeypatch.setattr(tokenizer._tokenizer, "post_processor",
+                        TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", marker)]))
+    tokens = await tokenize(client, server, messages=HELLO, add_special_tokens=add_special_tokens)
+    assert tokens == ([marker] + plain if add_special_tokens else plain)
+
+
 async def test_detokenize_out_of_range_is_400(server, client):
     reply = await post(client, server.url, {"tokens": [10**9]}, path="/detokenize")
     assert reply.status == 400 and reply.body["error"]["param"] == "tokens"

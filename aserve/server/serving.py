@@ -109,11 +109,12 @@ class ServingState:
         return await self._in_tokenize_thread(self.tokenizer.decode, ids)
 
     async def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
-                          add_generation_prompt: bool = True) -> list[int]:
-        return await self._in_tokenize_thread(self._encode_chat, messages, tools, add_generation_prompt)
+                          add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
+        return await self._in_tokenize_thread(self._encode_chat, messages, tools, add_generation_prompt,
+                                              add_special_tokens)
 
     def _encode_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None,
-                     add_generation_prompt: bool) -> list[int]:
+                     add_generation_prompt: bool, add_special_tokens: bool) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError("this model has no chat template; the chat endpoint cannot format messages",
                            code="chat_template_missing")
@@ -122,8 +123,9 @@ class ServingState:
                                                       add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # templates raise jinja errors for histories they reject
             raise APIError(f"the chat template rejected these messages: {exc}", param="messages") from None
-        # The template already wrote any BOS it wants; encoding must not add a second one.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        # The template already wrote any BOS it wants; encoding adds none unless asked (vLLM's
+        # /tokenize add_special_tokens).
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def engine_alive(self) -> bool:
         return self.engine.healthy and self.engine_task is not None and not self.engine_task.done()
