@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test bench clean chromium
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,14 @@ setup: $(VENV)/.installed
 serve: setup
 	$(VENV)/bin/aserve serve $(ARGS)
 
-test: setup
+# The browser tests drive Debian's chromium (Playwright's own browser download is never used);
+# as root, a missing chromium is installed here, elsewhere those tests are skipped with a reason.
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "make: chromium not installed: the browser tests will be skipped"
+
+test: setup chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup

@@ -12,6 +12,7 @@ from aserve.server.completions import completions
 from aserve.server.errors import ERROR_HOOK, error_middleware, json_response
 from aserve.server.metrics import CONTENT_TYPE
 from aserve.server.middleware import REQUEST_ID, add_request_id, api_key_middleware
+from aserve.server.page import add_page_routes
 from aserve.server.serving import ServingState
 from aserve.server.tokenize import detokenize, tokenize
 
@@ -74,6 +75,7 @@ def create_app(state: ServingState) -> web.Application:
     ])
     if origins := [o.strip() for o in (settings.cors_allowed_origins or "").split(",") if o.strip()]:
         _allow_cors(app, origins)
+    add_page_routes(app)  # same-origin: after the CORS routes
     return app
 
 

@@ -10,7 +10,7 @@ from aserve.server.errors import APIError
 
 REQUEST_ID = "X-Request-Id"
 _CLIENT_ID = re.compile(r"[\w\-.:/=+]{1,128}")  # an id we echo into headers and logs: no spaces, no control chars
-OPEN_PATHS = frozenset({"/health"})  # load balancers probe these without a key
+OPEN_PATHS = frozenset({"/health", "/"})  # load balancers probe /health; / is the chat page, which asks for the key
 _ID_KEY = web.RequestKey("request_id", str)
 
 
@@ -32,7 +32,8 @@ def api_key_middleware(api_key: str, protect_metrics: bool):
 
     @web.middleware
     async def check(request: web.Request, handler) -> web.StreamResponse:
-        open_path = request.path in OPEN_PATHS or (request.path == "/metrics" and not protect_metrics)
+        open_path = (request.path in OPEN_PATHS or request.path.startswith("/static/")
+                     or (request.path == "/metrics" and not protect_metrics))
         # Preflight requests carry no credentials by design (the CORS layer answers them).
         if not open_path and request.method != "OPTIONS":
             scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
