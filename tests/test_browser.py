@@ -135,6 +135,29 @@ async def test_a_refused_request_is_shown_as_a_readable_message(server, page):
     assert await page.locator("#send").is_enabled()
 
 
+@pytest.mark.parametrize(("status", "body", "shown"), [
+    (503, {"error": {"message": "the server is busy: 1024 requests are already waiting; retry later",
+                     "type": "server_error", "param": None, "code": "server_busy"}},
+     "The server is busy or shutting down (503): the server is busy"),
+    (200, 'data: {"choices": [{"index": 0, "delta": {"content": "Half an ans"}, "finish_reason": null}]}\n\n',
+     "The connection to the server was lost before the answer ended."),
+])
+async def test_a_busy_server_and_a_lost_connection_are_shown(server, page, status, body, shown):
+    async def answer(route):
+        if status == 200:  # a stream cut off: no finish, no [DONE]
+            await route.fulfill(status=200, content_type="text/event-stream", body=body)
+        else:
+            await route.fulfill(status=status, content_type="application/json", body=json.dumps(body))
+
+    await page.route("**/v1/chat/completions", answer)
+    await open_chat(page, server)
+    await ask(page, "Hello")
+    error = page.locator(".msg.error")
+    await error.wait_for()
+    assert shown in await error.text_content()
+    assert await page.locator("#send").is_enabled()
+
+
 async def test_model_output_is_shown_as_text_never_as_html(server, page):
     output = 'Look: <img src=x onerror="window.pwned = 1"> <b>bold</b>\n你好, 世界 👋🏽 done'
     with scripted_output(server, output):
