@@ -197,8 +197,10 @@ async def test_a_server_with_an_api_key_makes_the_page_ask_for_it(tiny_llama_dir
         await page.click("#save-key")
         await page.wait_for_function("document.querySelector('#model').options.length > 0")
         await page.fill("#max-tokens", "5")
+        await page.fill("#temperature", "0")
         await ask(page, "Hello")
         assert "finish: length" in await wait_finished(page)
+        assert await last_answer(page)
         assert await page.locator(".msg.error").count() == 0
 
 
