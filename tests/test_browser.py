@@ -72,8 +72,8 @@ async def wait_finished(page, count: int = 1) -> str:
 
 
 async def test_the_page_lists_the_model_and_streams_an_answer_over_several_frames(server, page, monkeypatch):
-    slow_engine(server.state, monkeypatch, 0.03)
-    await open_chat(page, server, max_tokens=30)
+    slow_engine(server.state, monkeypatch, 0.05)  # ~2 s of answer: many frames, even on a busy machine
+    await open_chat(page, server, max_tokens=40)
     assert await page.locator("#model").input_value() == server.model
     await ask(page, "Hello there")
     lengths = []
@@ -122,6 +122,21 @@ async def test_a_second_turn_sends_the_system_prompt_and_the_history(server, pag
         {"role": "user", "content": "Second question"},
     ]
     assert bodies[1]["stream"] is True and bodies[1]["max_tokens"] == 8 and bodies[1]["temperature"] == 0
+
+
+async def test_new_chat_during_an_answer_starts_with_an_empty_history(server, page, monkeypatch):
+    slow_engine(server.state, monkeypatch, 0.03)
+    bodies: list[dict] = []
+    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    await open_chat(page, server, max_tokens=100)
+    await ask(page, "An old question")
+    await page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 0")
+    await page.click("#new-chat")
+    assert await page.locator(".msg").count() == 0
+    await page.fill("#max-tokens", "3")
+    await ask(page, "A new question")
+    await wait_finished(page)
+    assert bodies[-1]["messages"] == [{"role": "user", "content": "A new question"}]
 
 
 async def test_a_refused_request_is_shown_as_a_readable_message(server, page):

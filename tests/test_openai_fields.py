@@ -187,6 +187,21 @@ async def test_streamed_logprobs_match_non_stream(server, client):
     assert offsets == body["choices"][0]["logprobs"]["text_offset"]
 
 
+async def test_streamed_echoed_logprobs_of_n_choices_over_two_prompts_match_non_stream(server, client):
+    request = {"prompt": ["Hello there", "Once upon a time"], "n": 2, "max_tokens": 3, "echo": True, "logprobs": 1,
+               **GREEDY}
+    body = await complete(client, server, **request)
+    chunks = await complete_stream(client, server, **request)
+    streamed: dict[int, list] = {}
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            if c["logprobs"]:
+                streamed.setdefault(c["index"], []).extend(c["logprobs"]["token_logprobs"])
+    for choice in body["choices"]:  # every choice echoes its prompt's logprobs, the first one null
+        assert streamed[choice["index"]] == pytest.approx(choice["logprobs"]["token_logprobs"], abs=1e-5)
+        assert choice["logprobs"]["token_logprobs"][0] is None and choice["logprobs"]["token_logprobs"][1] is not None
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": "Hi", "suffix": "end"}, "suffix"),
     ({"prompt": ""}, "prompt"),

@@ -91,16 +91,27 @@ class _Reply:
                      record: RequestRecord) -> web.StreamResponse:
         choices = [generation.Choice(i) for i in range(self.n * len(self.prompts))]
         offsets = [0] * len(choices)  # text_offset of each choice's next token
-        prompt_logprobs: dict[int, list] = {}  # by prompt, from its first choice (which comes first)
+        prompt_logprobs: dict[int, list] = {}  # by prompt, from its first choice, which computed it
+        # An echoed choice's first chunk carries its prompt's logprobs, which come with the first
+        # choice's first output: later choices' outputs wait here until then.
+        held: dict[int, list[tuple[int, RequestOutput]]] = {}
+        echoes_logprobs = self.echoes is not None and self.req.logprobs is not None
 
         def render(i: int, out: RequestOutput) -> list[dict]:
+            p = i // self.n
+            if out.prompt_logprobs is not None and i % self.n == 0:
+                prompt_logprobs[p] = out.prompt_logprobs
+            if echoes_logprobs and p not in prompt_logprobs:
+                held.setdefault(p, []).append((i, out))
+                return []
+            return [chunk for j, o in [(i, out), *held.pop(p, [])] for chunk in one(j, o)]
+
+        def one(i: int, out: RequestOutput) -> list[dict]:
             first = choices[i].completion_tokens == 0 and not choices[i].text
             piece = generation.Choice(i)
             piece.add(out)
             choices[i].add(out)
             text = (self._echo(i) if first else "") + out.text
-            if out.prompt_logprobs is not None and i % self.n == 0:
-                prompt_logprobs[i // self.n] = out.prompt_logprobs
             logprobs = self._logprobs(i, piece, offsets[i], first, prompt_logprobs.get(i // self.n))
             if logprobs is not None:
                 offsets[i] += sum(map(len, logprobs["tokens"]))

@@ -1,6 +1,7 @@
 """Server-Sent Events framed exactly as OpenAI does: `data: <json>\\n\\n` ... `data: [DONE]\\n\\n`."""
 
 import asyncio
+from collections.abc import Awaitable
 
 import orjson
 from aiohttp import web
@@ -40,7 +41,7 @@ class SSEWriter:
 
     async def done(self) -> None:
         await self._write(b"data: [DONE]\n\n")
-        await self.response.write_eof()
+        await self._guarded(self.response.write_eof())  # always waits for the client to take the rest
 
     def abort(self) -> None:
         """Cuts the connection: for a client that stopped reading, whose buffers hold unsent data."""
@@ -48,11 +49,14 @@ class SSEWriter:
             transport.abort()
 
     async def _write(self, data: bytes) -> None:
+        await self._guarded(self.response.write(data))
+
+    async def _guarded(self, write: Awaitable[None]) -> None:
         # A write waits only when the socket's buffers are full: the client stopped reading.
         try:
             async with asyncio.timeout(self._write_timeout):
-                await self.response.write(data)
+                await write
         except TimeoutError:
             raise ClientGone(f"the client read nothing for {self._write_timeout} s", stalled=True) from None
-        except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError too
+        except ConnectionError as exc:  # reset, or aiohttp's "Connection lost" for a paused write
             raise ClientGone(f"the client closed the connection ({exc})") from None

@@ -30,6 +30,7 @@ async def write_stream(request: web.Request, state: ServingState, rid: str,
                        record: RequestRecord | None = None) -> web.StreamResponse:
     """`opening`: chunks sent before any output; `closing()`: chunks after the last one (usage)."""
     sse = SSEWriter(request, state.settings.stream_write_timeout_seconds)
+    sent_error = False
     try:
         async with aclosing(outputs):
             await sse.start()
@@ -45,6 +46,7 @@ async def write_stream(request: web.Request, state: ServingState, rid: str,
                 for chunk in closing():
                     await sse.send(chunk)
             except (EngineError, generation.RequestTimeout) as exc:
+                sent_error = True
                 await _send_error(sse, state, generation.api_error(exc), record)
             except ClientGone:
                 raise
@@ -52,16 +54,19 @@ async def write_stream(request: web.Request, state: ServingState, rid: str,
                 # The 200 headers are out: a 500 response is no longer possible, so the stream
                 # itself must end, with an error event and [DONE], or the client waits forever.
                 log.exception("request %s failed mid-stream", rid)
+                sent_error = True
                 await _send_error(sse, state, APIError("internal server error", status=500), record)
             await sse.done()
     except ClientGone as exc:
         log.info("request %s: stream cut: %s", rid, exc)
-        if record is not None:
+        if record is not None and not sent_error:
             record.status, record.error = 499, "client_gone"  # nginx's code for a client that left
         if exc.stalled:
-            # Dropped by us, as the engine drops a client too slow to keep up; cut only now, its
-            # request closed, since a lost connection cancels this handler (handler_cancellation).
-            state.metrics.on_error("server_error", 408, "client_too_slow")
+            # Dropped by us, as the engine drops a client too slow to keep up (counted once: the
+            # engine's drop was counted as its error event was written). Cut only now, its request
+            # closed, since a lost connection cancels this handler (handler_cancellation).
+            if not sent_error:
+                state.metrics.on_error("server_error", 408, "client_too_slow")
             sse.abort()
     return sse.response
 

@@ -8,6 +8,7 @@ const KEY_STORAGE = "aserve-api-key";
 
 const chat = {
   history: [],        // the turns sent back each time: {role, content}
+  id: 0,              // bumped by New chat: an answer still arriving belongs to the old chat
   controller: null,   // the running request's AbortController
   apiKey: sessionStorage.getItem(KEY_STORAGE) || "",
 };
@@ -87,19 +88,23 @@ function setBusy(busy) {
 // Yields the data payload of each SSE event in the response body, as text.
 async function* sseData(resp) {
   const reader = resp.body.getReader();
-  const decoder = new TextDecoder();
+  const decoder = new TextDecoder();  // in stream mode: a character split between reads is kept whole
   let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
-    let end;
-    while ((end = buffer.indexOf("\n\n")) !== -1) {
-      const event = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart());
-      if (data.length) yield data.join("\n");  // lines starting ":" are keep-alive comments
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) !== -1) {
+        const event = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart());
+        if (data.length) yield data.join("\n");  // lines starting ":" are keep-alive comments
+      }
     }
+  } finally {
+    reader.cancel().catch(() => {});  // read no further (and, if unfinished, close the request)
   }
 }
 
@@ -119,6 +124,7 @@ function requestBody(messages) {
 
 async function send(text) {
   if (chat.controller || !text.trim()) return;
+  const chatId = chat.id;
   addMessage("user", text);
   const system = $("system").value.trim();
   const turns = [...chat.history, { role: "user", content: text }];
@@ -186,11 +192,13 @@ async function send(text) {
     if (finish) parts.push(`finish: ${finish}`);
     stats.textContent = parts.join(" · ");
   }
-  // The turn joins the history once it has an answer, so that a failed turn can be sent again.
-  if (out.textContent && !failed) chat.history.push({ role: "user", content: text }, { role: "assistant", content: out.textContent });
+  // The turn joins the history once it has an answer, so that a failed turn can be sent again;
+  // never into a new chat started meanwhile.
+  if (out.textContent && !failed && chat.id === chatId) chat.history.push({ role: "user", content: text }, { role: "assistant", content: out.textContent });
 }
 
 function newChat() {
+  chat.id += 1;
   if (chat.controller) chat.controller.abort();
   chat.history = [];
   $("messages").replaceChildren();
@@ -199,6 +207,7 @@ function newChat() {
 
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
+  if (chat.controller) return;  // one answer at a time; the typed text stays in the box
   const text = $("prompt").value;
   $("prompt").value = "";
   send(text);
