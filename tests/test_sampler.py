@@ -154,3 +154,22 @@ def test_a_finished_grammar_wins_over_min_tokens():
         assert sample(logits.unsqueeze(0), [seq], _gen(), (2,)).tokens.item() == 2
     finally:
         guided.apply_masks = original
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.5])  # peaked rows (top-p decided among candidates) and flat ones (full sort)
+def test_top_p_among_candidates_keeps_the_same_tokens_as_a_full_sort(scale):
+    from aserve.engine.sampler import TOP_P_CANDIDATES, _truncate, _truncate_sorted
+
+    torch.manual_seed(0)
+    vocab = 4 * TOP_P_CANDIDATES
+    scores = torch.randn(6, vocab) * scale
+    params = [SamplingParams(max_tokens=1, top_p=0.9), SamplingParams(max_tokens=1, top_k=50),
+              SamplingParams(max_tokens=1, top_k=3000, top_p=0.95), SamplingParams(max_tokens=1, top_p=0.5),
+              SamplingParams(max_tokens=1), SamplingParams(max_tokens=1, top_k=vocab + 1, top_p=0.99)]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params])
+    top_p = torch.tensor([p.top_p for p in params])
+    expected = _truncate_sorted(scores, top_k, top_p)
+    expected[4] = scores[4]  # a row that truncates nothing keeps its scores
+    got = _truncate(scores, params)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    assert torch.equal(got[~torch.isinf(got)], scores[~torch.isinf(got)])

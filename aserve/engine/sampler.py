@@ -130,28 +130,61 @@ def _draw(
         # Only pay for a sort when some row actually truncates the distribution.
         scores = _truncate(scores, picked)
     probs = torch.softmax(scores, dim=-1)
-    # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p without a
-    # multinomial's host sync; a seeded row draws E from its own generator.
-    noise = torch.empty_like(probs).exponential_(generator=default_generator)
+    # Inverse-CDF sampling: one uniform number per row, found in the row's cumulative
+    # distribution. A race over per-token noise (Gumbel, exponential) needs one random number
+    # per vocabulary entry: at batch 32 that was 40 ms a step on CPU (80 ms seeded), more than a
+    # third of the forward. No host sync either way; a seeded row draws from its own generator.
+    uniform = torch.rand(len(rows), 1, generator=default_generator, device=logits.device, dtype=probs.dtype)
     for j, i in enumerate(rows):
         if generators[i] is not None:
-            noise[j].exponential_(generator=generators[i])
-    tokens[idx] = (probs / noise).argmax(dim=-1)
+            uniform[j] = torch.rand(1, generator=generators[i], device=logits.device, dtype=probs.dtype)
+    cdf = probs.cumsum(dim=-1)
+    # The first token whose cumulative mass exceeds u: a token of zero probability never is.
+    drawn = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(1)
+    tokens[idx] = drawn.clamp_(max=probs.shape[-1] - 1)
     return tokens
 
 
+# Top-p is decided among each row's likeliest tokens first: a top-k of 1,024 of them costs a
+# fraction of sorting the whole vocabulary (at batch 32 on CPU the sort was 70 ms a step). Only
+# a row whose candidates hold less than its top_p of the mass (a very flat distribution) is
+# sorted whole.
+TOP_P_CANDIDATES = 1024
+
+
 def _truncate(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Top-k, then (as vLLM and transformers do) top-p over what top-k kept: a token is dropped
+    when the tokens ranked above it already hold top_p of that mass; the first always stays."""
     vocab = scores.shape[-1]
     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=scores.device)
     top_p = torch.tensor([p.top_p for p in params], device=scores.device, dtype=scores.dtype)
+    k = min(vocab, max([TOP_P_CANDIDATES] + [p.top_k for p in params if 0 < p.top_k < vocab]))
+    values, order = scores.topk(k, dim=-1)  # descending
+    values = values.masked_fill(torch.arange(k, device=scores.device) >= top_k.unsqueeze(1), float("-inf"))
+    # The mass top-p measures: the kept top-k (all among the candidates), else the whole row.
+    in_candidates = (top_k <= k).unsqueeze(1)
+    norm = torch.where(in_candidates, values.logsumexp(-1, keepdim=True), scores.logsumexp(-1, keepdim=True))
+    kept = _drop_past_top_p(values, (values - norm).exp(), top_p)
+    out = torch.full_like(scores, float("-inf")).scatter_(-1, order, kept)
+    covered = in_candidates.squeeze(1) | ((values - norm).exp().sum(-1) >= top_p)
+    if not bool(covered.all()):
+        rows = (~covered).nonzero().squeeze(1)
+        out[rows] = _truncate_sorted(scores[rows], top_k[rows], top_p[rows])
+    truncates = (top_k < vocab) | (top_p < 1.0)
+    return torch.where(truncates.unsqueeze(1), out, scores)
+
+
+def _truncate_sorted(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The same over a whole sorted vocabulary."""
     sorted_scores, order = scores.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=scores.device).unsqueeze(0)
+    ranks = torch.arange(scores.shape[-1], device=scores.device).unsqueeze(0)
     sorted_scores = sorted_scores.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
-    # Then (as vLLM and transformers do, top-k first) drop a token when the tokens ranked
-    # above it already hold top_p of the remaining mass; the first token always survives.
-    probs = sorted_scores.softmax(dim=-1)
+    kept = _drop_past_top_p(sorted_scores, sorted_scores.softmax(dim=-1), top_p)
+    return torch.empty_like(scores).scatter_(-1, order, kept)
+
+
+def _drop_past_top_p(sorted_scores: torch.Tensor, probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     mass_before = probs.cumsum(dim=-1) - probs
     drop = mass_before >= top_p.unsqueeze(1)
     drop[:, 0] = False  # even a top_p that rounds to 0 in float32 keeps one token
-    sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-    return torch.empty_like(scores).scatter_(-1, order, sorted_scores)
+    return sorted_scores.masked_fill(drop, float("-inf"))
