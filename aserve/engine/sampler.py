@@ -158,19 +158,22 @@ def _truncate(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.T
     vocab = scores.shape[-1]
     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=scores.device)
     top_p = torch.tensor([p.top_p for p in params], device=scores.device, dtype=scores.dtype)
+    truncates = (top_k < vocab) | (top_p < 1.0)
+    if scores.device.type != "cpu":  # a GPU sorts fast, and checking coverage would cost a host sync
+        return torch.where(truncates.unsqueeze(1), _truncate_sorted(scores, top_k, top_p), scores)
     k = min(vocab, max([TOP_P_CANDIDATES] + [p.top_k for p in params if 0 < p.top_k < vocab]))
     values, order = scores.topk(k, dim=-1)  # descending
     values = values.masked_fill(torch.arange(k, device=scores.device) >= top_k.unsqueeze(1), float("-inf"))
     # The mass top-p measures: the kept top-k (all among the candidates), else the whole row.
     in_candidates = (top_k <= k).unsqueeze(1)
     norm = torch.where(in_candidates, values.logsumexp(-1, keepdim=True), scores.logsumexp(-1, keepdim=True))
-    kept = _drop_past_top_p(values, (values - norm).exp(), top_p)
+    probs = (values - norm).exp()
+    kept = _drop_past_top_p(values, probs, top_p)
     out = torch.full_like(scores, float("-inf")).scatter_(-1, order, kept)
-    covered = in_candidates.squeeze(1) | ((values - norm).exp().sum(-1) >= top_p)
+    covered = in_candidates.squeeze(1) | (probs.sum(-1) >= top_p)
     if not bool(covered.all()):
         rows = (~covered).nonzero().squeeze(1)
         out[rows] = _truncate_sorted(scores[rows], top_k[rows], top_p[rows])
-    truncates = (top_k < vocab) | (top_p < 1.0)
     return torch.where(truncates.unsqueeze(1), out, scores)
 
 
