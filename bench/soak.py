@@ -18,9 +18,7 @@ import argparse
 import asyncio
 import json
 import random
-import shlex
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +29,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import PROMPTS  # noqa: E402  (bench/load.py: short questions, two long prompts, one Chinese)
+from memory import rss_mib  # noqa: E402
+from sweep import Server, Target, start_command  # noqa: E402
 
 
 @dataclass
@@ -80,41 +80,9 @@ class Report:
     kv_free_after: bool
 
 
-def rss_mib(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return None
-
-
 async def get_health(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
     async with session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=5)) as resp:
         return resp.status, await resp.json(content_type=None)
-
-
-async def start_server(serve_args: str, log_path: Path, ready_timeout_s: float) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "aserve", "serve", *shlex.split(serve_args), "--host", "127.0.0.1",
-           "--port", str(port)]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"starting: {shlex.join(cmd)}  (log: {log_path})", file=sys.stderr, flush=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + ready_timeout_s
-    async with aiohttp.ClientSession() as session:
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if (await get_health(session, url))[0] == 200:
-                    return proc, url
-            except (aiohttp.ClientError, OSError, ValueError):
-                pass
-            await asyncio.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"the server did not become ready (exit status {proc.wait()}); see {log_path}")
 
 
 def plan_request(rng: random.Random, args: argparse.Namespace) -> Plan:
@@ -250,7 +218,7 @@ async def soak(args: argparse.Namespace, url: str, pid: int | None) -> Report:
     connector = aiohttp.TCPConnector(limit=0, force_close=True)  # a dropped request really closes its socket
     async with aiohttp.ClientSession(connector=connector) as session:
         concurrency = args.concurrency or (await get_health(session, url))[1]["kv_slots_total"]
-        rss_start, t0 = rss_mib(pid), time.monotonic()
+        rss_start, t0 = rss(pid), time.monotonic()
         print(f"soak: {url} (pid {pid}), concurrency {concurrency}, {args.minutes:g} min", file=sys.stderr)
 
         async def client() -> None:
@@ -264,7 +232,23 @@ async def soak(args: argparse.Namespace, url: str, pid: int | None) -> Report:
         await asyncio.gather(*running, return_exceptions=True)
         tally.cut_at_end, load_s = len(running), time.monotonic() - t0
         health, kv_free = await wait_until_idle(session, url, args.settle_seconds)
-    return Report(url, pid, concurrency, load_s, tally, rss_start, rss_mib(pid), health, kv_free)
+    return Report(url, pid, concurrency, load_s, tally, rss_start, rss(pid), health, kv_free)
+
+
+def rss(pid: int | None) -> float | None:
+    return None if pid is None else rss_mib(pid)
+
+
+async def soak_own_server(args: argparse.Namespace) -> Report:
+    """Starts `aserve serve` on a free 127.0.0.1 port (sweep.py's Server), soaks it, stops it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command, url = start_command("aserve", f"{args.serve_args} --port {port}")
+    async with Server(Target("aserve", url, command), args.server_log, 600) as server:
+        report = await soak(args, url, server.proc.pid)
+    print(f"server stopped, exit status {server.proc.returncode}", file=sys.stderr)
+    return report
 
 
 def print_report(r: Report) -> None:
@@ -300,18 +284,10 @@ def main() -> int:
     args = p.parse_args()
     if args.url and not args.url.startswith("http://127.0.0.1:"):
         p.error("--url must be http://127.0.0.1:PORT")
-    proc = None
     if args.url:
-        url, pid = args.url.rstrip("/"), args.pid
+        report = asyncio.run(soak(args, args.url.rstrip("/"), args.pid))
     else:
-        proc, url = asyncio.run(start_server(args.serve_args, args.server_log, 600))
-        pid = proc.pid
-    try:
-        report = asyncio.run(soak(args, url, pid))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            print(f"server stopped, exit status {proc.wait(timeout=60)}", file=sys.stderr)
+        report = asyncio.run(soak_own_server(args))
     print_report(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
