@@ -80,7 +80,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     else:
         grammar = await generation.compile_response_format(state, req.response_format)
     params = generation.sampling_params(req, len(prompt_ids), state,
-                                        max_tokens=req.max_completion_tokens or req.max_tokens,
+                                        max_tokens=req.requested_max_tokens,
                                         logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     n = req.n or 1
     rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -138,8 +138,8 @@ class _Reply:
             return [responses.usage_chunk(self.rid, self.state.model_name, self.created, _usage(choices))]
 
         opening = [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(n)]
-        return await write_stream(request, self.state, self.rid, outputs, render, opening=opening,
-                                  closing=closing, record=record)
+        return await write_stream(request, self.state, self.rid, outputs, render, record, opening=opening,
+                                  closing=closing)
 
     def _deltas(self, i: int, out: RequestOutput, parser, choice: generation.Choice) -> list[dict]:
         logprobs = self._logprobs(out) if out.logprobs else None

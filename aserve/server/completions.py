@@ -44,7 +44,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     grammar = await generation.compile_response_format(state, req.response_format)
     echo_logprobs = req.logprobs if req.echo else None
     params = generation.sampling_params(req, max(map(len, prompts)), state,
-                                        max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
+                                        max_tokens=req.requested_max_tokens or DEFAULT_MAX_TOKENS,
                                         logprobs=req.logprobs, prompt_logprobs=echo_logprobs)
     n = req.n or 1
     echoes = [await state.decode(p) for p in prompts] if req.echo else None
@@ -68,7 +68,7 @@ class _Reply:
         return self.echoes[index // self.n] if self.echoes is not None else ""
 
     def _logprobs(self, index: int, choice: generation.Choice, offset: int, first: bool,
-                  prompt_logprobs: list | None = None) -> dict | None:
+                  prompt_logprobs: list | None) -> dict | None:
         """Logprobs of what `choice` holds: its new tokens, and on the first output of an
         echoed choice the prompt's tokens before them (`prompt_logprobs`: the prompt's first
         choice's, which computed the prompt for all n)."""
@@ -126,7 +126,7 @@ class _Reply:
             return [responses.usage_chunk(self.rid, self.state.model_name, self.created, _usage(choices, self.n),
                                           "text_completion")]
 
-        return await write_stream(request, self.state, self.rid, outputs, render, closing=closing, record=record)
+        return await write_stream(request, self.state, self.rid, outputs, render, record, closing=closing)
 
 
 def _usage(choices: list[generation.Choice], n: int) -> dict:

@@ -101,7 +101,6 @@ class _GenerationRequest(_Lenient):
     seed: Annotated[int | None, Field(ge=-(2**63), lt=2**63)] = None  # what torch.Generator takes, with room for n
     max_tokens: Annotated[int | None, Field(ge=1)] = None
     # OpenAI's newer name for max_tokens on chat; also taken on /v1/completions (aserve extension).
-    # It wins where both are given.
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
     stop: str | list[str] | None = None
     n: Annotated[int | None, Field(ge=1, le=MAX_N)] = None
@@ -114,6 +113,11 @@ class _GenerationRequest(_Lenient):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # vLLM extension
     response_format: ResponseFormat | None = None
     user: str | None = None  # accepted and ignored, as by vLLM
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """max_completion_tokens where given, else max_tokens; None: neither."""
+        return self.max_completion_tokens or self.max_tokens
 
     @field_validator("stop")
     @classmethod

@@ -25,9 +25,9 @@ Render = Callable[[int, RequestOutput], Iterable[dict]]
 
 
 async def write_stream(request: web.Request, state: ServingState, rid: str,
-                       outputs: AsyncIterator[tuple[int, RequestOutput]], render: Render, *,
-                       opening: Iterable[dict] = (), closing: Callable[[], Iterable[dict]] = lambda: (),
-                       record: RequestRecord | None = None) -> web.StreamResponse:
+                       outputs: AsyncIterator[tuple[int, RequestOutput]], render: Render, record: RequestRecord,
+                       *, opening: Iterable[dict] = (),
+                       closing: Callable[[], Iterable[dict]] = lambda: ()) -> web.StreamResponse:
     """`opening`: chunks sent before any output; `closing()`: chunks after the last one (usage)."""
     sse = SSEWriter(request, state.settings.stream_write_timeout_seconds)
     sent_error = False
@@ -59,20 +59,20 @@ async def write_stream(request: web.Request, state: ServingState, rid: str,
             await sse.done()
     except ClientGone as exc:
         log.info("request %s: stream cut: %s", rid, exc)
-        if record is not None and not sent_error:
+        if not sent_error:
             record.status, record.error = 499, "client_gone"  # nginx's code for a client that left
         if exc.stalled:
             # Dropped by us, as the engine drops a client too slow to keep up (counted once: the
             # engine's drop was counted as its error event was written). Cut only now, its request
             # closed, since a lost connection cancels this handler (handler_cancellation).
             if not sent_error:
-                state.metrics.on_error("server_error", 408, "client_too_slow")
+                error = generation.api_error(EngineError(str(exc), "client_too_slow"))
+                state.metrics.on_error(error.type, error.status, error.code)
             sse.abort()
     return sse.response
 
 
-async def _send_error(sse: SSEWriter, state: ServingState, error: APIError, record: RequestRecord | None) -> None:
+async def _send_error(sse: SSEWriter, state: ServingState, error: APIError, record: RequestRecord) -> None:
     state.metrics.on_error(error.type, error.status, error.code)
-    if record is not None:
-        record.status, record.error = error.status, error.code
+    record.status, record.error = error.status, error.code
     await sse.send(error.body())
