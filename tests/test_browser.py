@@ -59,6 +59,13 @@ async def ask(page, text: str) -> None:
     await page.click("#send")
 
 
+def chat_request_bodies(page) -> list[dict]:
+    """The JSON body of every chat request the page sends from now on, in order."""
+    bodies: list[dict] = []
+    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    return bodies
+
+
 async def last_answer(page) -> str:
     return await page.locator(".msg.assistant .text").last.text_content()
 
@@ -105,8 +112,7 @@ async def test_stop_aborts_the_fetch_and_the_server_cancels_the_request(server, 
 
 
 async def test_a_second_turn_sends_the_system_prompt_and_the_history(server, page):
-    bodies: list[dict] = []
-    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    bodies = chat_request_bodies(page)
     await open_chat(page, server, max_tokens=8)
     await page.fill("#system", "Be brief.")
     await ask(page, "First question")
@@ -126,8 +132,7 @@ async def test_a_second_turn_sends_the_system_prompt_and_the_history(server, pag
 
 async def test_new_chat_during_an_answer_starts_with_an_empty_history(server, page, monkeypatch):
     slow_engine(server.state, monkeypatch, 0.03)
-    bodies: list[dict] = []
-    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    bodies = chat_request_bodies(page)
     await open_chat(page, server, max_tokens=100)
     await ask(page, "An old question")
     await page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 0")
