@@ -33,7 +33,7 @@ class ModelConfig:
     cache_dir: str | None = None  # None: $ASERVE_CACHE_DIR or ~/.cache/aserve
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
-    max_model_len: int | None = 2048  # prompt + completion tokens per request; None: the model's own context
+    max_model_len: int | None = None  # prompt + completion tokens per request; None: the model's own context
     load_format: str = "auto"  # auto: the weight files; dummy: random weights of the config's shape (benchmarks)
     quantization: str = "none"  # none | fp16: CPU weight quantization of the linear layers (quantize.py)
     chat_template: str | None = None  # a Jinja file that replaces the model's chat template
@@ -43,16 +43,19 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    max_num_seqs: int = 32  # KV-cache slots: requests decoding at once; more wait in the queue
+    max_num_seqs: int = 64  # sequences running at once (README "KV cache" says why 64); more wait in the queue
     max_num_batched_tokens: int = 512  # tokens per step; bounds how long a prefill chunk can stall decodes
     # Work per step for a long prompt (> max_num_batched_tokens uncached tokens) while other
     # streams decode: smaller keeps their token gaps even, larger gets the long prompt its first
     # token sooner (README "Chunked prefill"); 0: no cap beyond max_num_batched_tokens.
     prefill_budget_while_decoding: int = 16
-    enable_prefix_caching: bool = True  # a prompt that starts like a finished request's reuses its cached KV
-    prefix_pool_tokens: int = 16384  # prefix cache beyond the slots, in positions (16-token blocks); 0: none
+    # The KV cache: one pool of blocks of block_size positions, this much memory ("2GiB",
+    # "512MiB" or bytes) allocated once at start; sequences take blocks as their tokens need them.
+    kv_cache_memory: str = "2GiB"
+    block_size: int = 16
+    enable_prefix_caching: bool = True  # full blocks named by their tokens are shared by every prompt that starts so
     # Tokens a request may have waiting for its client: past it, a client that reads too slowly is
-    # dropped with an error and its KV slot freed (the engine never waits for a client); 0: no bound.
+    # dropped with an error and its KV blocks freed (the engine never waits for a client); 0: no bound.
     max_buffered_tokens: int = 4096
     num_threads: int = 0  # torch CPU threads; 0: one per core
     seed: int | None = None  # seed for requests that set none; None: random

@@ -15,10 +15,12 @@ import torch
 from aserve.config import Config, ServerConfig
 from aserve.engine.engine_loop import EngineLoop
 from aserve.engine.guided import GuidedDecoding
-from aserve.engine.kv_cache import KVCache
+from aserve.engine.block_manager import BlockManager
+from aserve.engine.kv_cache import KVCache, parse_bytes
 from aserve.engine.model_runner import ModelRunner
 from aserve.engine.scheduler import Scheduler
 from aserve.models.loader import LoadedModel, load_model, resolve_dtype
+from aserve.models.paged_attention import kernel_available
 from aserve.models.quantize import QUANTIZATION_MODES
 from aserve.models.store import default_cache_dir, resolve_model
 from aserve.server.serving import ServingState
@@ -47,8 +49,9 @@ def _check_settings(config: Config) -> None:
         raise ValueError("max_num_seqs must be at least 1")
     if ec.max_num_batched_tokens < ec.max_num_seqs:
         raise ValueError("max_num_batched_tokens must be at least max_num_seqs (every decode needs one token)")
-    if ec.prefix_pool_tokens < 0:
-        raise ValueError("prefix_pool_tokens must be 0 (no pool) or positive")
+    parse_bytes(ec.kv_cache_memory)  # raises for a malformed amount
+    if ec.block_size < 1:
+        raise ValueError("block_size must be at least 1")
     if mc.generation_config not in ("auto", "none"):
         raise ValueError(f"unknown generation_config {mc.generation_config!r}; choose auto or none")
     if mc.chat_template is not None and not Path(mc.chat_template).is_file():
@@ -75,8 +78,13 @@ def _load(config: Config, path: Path, threads: int) -> tuple[LoadedModel, KVCach
     torch.set_num_threads(threads)
     loaded = load_model(path, pick_device(mc.device), mc.dtype, mc.max_model_len,
                         random_weights=mc.load_format == "dummy", quantization=mc.quantization)
-    kv = KVCache.allocate(loaded.args, ec.max_num_seqs, loaded.max_model_len, loaded.dtype, loaded.device,
-                          prefix_caching=ec.enable_prefix_caching, pool_tokens=ec.prefix_pool_tokens)
+    kv = KVCache.allocate(loaded.args, parse_bytes(ec.kv_cache_memory), ec.block_size, loaded.dtype, loaded.device)
+    if kv.num_tokens < loaded.max_model_len:
+        # One sequence of the longest allowed length must fit, or it could never run.
+        raise ValueError(f"kv_cache_memory {ec.kv_cache_memory} holds {kv.num_tokens} tokens of this model, fewer "
+                         f"than max_model_len {loaded.max_model_len}: raise --kv-cache-memory to at least "
+                         f"{KVCache.bytes_per_block(loaded.args, ec.block_size, loaded.dtype) * -(-loaded.max_model_len // ec.block_size)} "
+                         f"bytes or lower --max-model-len")
     return loaded, kv
 
 
@@ -111,13 +119,15 @@ def build_state(config: Config) -> ServingState:
     eos = set(loaded.eos_token_ids)
     if hf_tokenizer.eos_token_id is not None:
         eos.add(hf_tokenizer.eos_token_id)
-    pool = kv.pool.num_blocks * kv.pool.block_size if kv.pool else 0
-    log.info("model %s on %s (%s, quantization %s); KV cache %d slots x %d tokens + a %d-token prefix pool = %.2f GiB",
-             path, loaded.device, loaded.dtype, mc.quantization, kv.num_slots, kv.max_len, pool, kv.nbytes / 2**30)
+    log.info("model %s on %s (%s, quantization %s); max_model_len %d; KV cache %d blocks x %d tokens = %d tokens "
+             "in %.2f GiB (attention: %s)", path, loaded.device, loaded.dtype, mc.quantization, loaded.max_model_len,
+             kv.num_blocks, kv.block_size, kv.num_tokens, kv.nbytes / 2**30,
+             "C++ kernel" if loaded.device.type == "cpu" and kernel_available() else "torch")
+    blocks = BlockManager(kv.num_blocks, kv.block_size, ec.enable_prefix_caching)
     engine = EngineLoop(
-        Scheduler(kv, ec.max_num_batched_tokens, eos, loaded.args.attention_context_per_token,
-                  ec.prefill_budget_while_decoding),
-        ModelRunner(loaded.model, kv, loaded.device, seed=ec.seed, eos_token_ids=eos),
+        Scheduler(blocks, ec.max_num_seqs, ec.max_num_batched_tokens, loaded.max_model_len, eos,
+                  loaded.args.attention_context_per_token, ec.prefill_budget_while_decoding),
+        ModelRunner(loaded.model, kv, blocks, loaded.device, seed=ec.seed, eos_token_ids=eos),
         detok_tokenizer,
         model_thread,
         max_buffered_tokens=ec.max_buffered_tokens,

@@ -1,17 +1,19 @@
-"""TTFT of a multi-turn chat resent each turn, with a ~1,500-token shared history.
+"""Prefix caching, measured from outside: TTFT of prompts that share a ~1,500-token start.
 
-Turn 1 sends a long history and gets a reply; turn 2 resends that history plus the reply
-and one more question, as chat clients do. With prefix caching the second turn prefills
-only what is new. A cold request of the same length (different text) is the control.
-`--between N` sends N short unrelated chats between the turns: with N above the server's
-slot count, turn 1's slot is handed to another request, and turn 2 can find its history
-only in the prefix pool (`--prefix-pool-tokens`).
+Two scenarios, each against a cold control (a request of the same length, different text):
+- a multi-turn chat resent each turn: turn 1 sends a long history and gets a reply; turn 2
+  resends that history plus the reply and one more question, as chat clients do, and
+  prefills only what is new. `--between N` sends N short unrelated chats between the turns.
+- `--concurrent N`: N new chats sent at once, all with the same long system prompt (seen
+  once before) and each its own question. Their blocks for the system prompt are shared: the
+  KV blocks in use at the peak (polled from /health) show it stored once, not N times.
 
-    python bench/prefix_cache.py --url http://127.0.0.1:8000 [--between 40]
+    python bench/prefix_cache.py --url http://127.0.0.1:8000 [--between 40] [--concurrent 32]
 """
 
 import argparse
 import asyncio
+import statistics
 import time
 
 import aiohttp
@@ -42,6 +44,7 @@ async def main() -> None:
     parser.add_argument("--repeats", type=int, default=52, help="filler sentences (~29 tokens each)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--between", type=int, default=0, help="short unrelated chats sent between the two turns")
+    parser.add_argument("--concurrent", type=int, default=0, help="also: this many new chats at once sharing a system prompt")
     args = parser.parse_args()
     history = [{"role": "system", "content": FILLER * args.repeats},
                {"role": "user", "content": "Summarize the history above in one sentence."}]
@@ -55,12 +58,44 @@ async def main() -> None:
         second, _ = await ttft(session, args.url, history + [{"role": "assistant", "content": reply},
                                                              {"role": "user", "content": "And who kept it?"}],
                                args.max_tokens)
-        async with session.get(f"{args.url}/health") as resp:
-            health = await resp.json()
-    print(f"cold control TTFT   {cold * 1000:8.1f} ms")
-    print(f"turn 1 TTFT         {first * 1000:8.1f} ms")
-    print(f"turn 2 TTFT         {second * 1000:8.1f} ms  ({100 * second / first:.1f} % of turn 1)")
-    print(f"prefix-cache tokens reused so far: {health.get('prefix_cache_tokens_reused')}")
+        print(f"cold control TTFT   {cold * 1000:8.1f} ms")
+        print(f"turn 1 TTFT         {first * 1000:8.1f} ms")
+        print(f"turn 2 TTFT         {second * 1000:8.1f} ms  ({100 * second / first:.1f} % of turn 1)")
+        if args.concurrent:
+            await concurrent_chats(session, args.url, args.concurrent, FILLER.replace("harbour", "bay") * args.repeats,
+                                   args.max_tokens, cold)
+        health = await get_health(session, args.url)
+    print(f"prefix cache: {health['prefix_cache_hits']} of {health['prefix_cache_queries']} prompt tokens hit "
+          f"({100 * health['prefix_cache_hit_rate']:.1f} %); preemptions {health['preemptions']}")
+
+
+async def get_health(session: aiohttp.ClientSession, url: str) -> dict:
+    async with session.get(f"{url}/health") as resp:
+        return await resp.json()
+
+
+async def concurrent_chats(session: aiohttp.ClientSession, url: str, n: int, system: str, max_tokens: int,
+                           cold: float) -> None:
+    def chat(i: int) -> list[dict]:
+        return [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}: who kept it in {1900 + i}?"}]
+
+    await ttft(session, url, chat(-1), 1)  # the system prompt's first use
+    idle = await get_health(session, url)
+    peak = 0
+    tasks = [asyncio.create_task(ttft(session, url, chat(i), max_tokens)) for i in range(n)]
+    while not all(t.done() for t in tasks):
+        health = await get_health(session, url)
+        peak = max(peak, health["kv_blocks_total"] - health["kv_blocks_free"])
+        await asyncio.sleep(0.02)
+    ttfts = [t.result()[0] for t in tasks]
+    p50 = statistics.median(ttfts)
+    size = idle["kv_block_size"]
+    print(f"{n} concurrent chats sharing the system prompt: TTFT p50 {p50 * 1000:.1f} ms "
+          f"({100 * p50 / cold:.1f} % of the cold control), max {max(ttfts) * 1000:.1f} ms")
+    async with session.post(f"{url}/tokenize", json={"messages": chat(0), "add_generation_prompt": True}) as resp:
+        prompt_tokens = (await resp.json())["count"]
+    print(f"KV blocks in use at the peak: {peak} ({peak * size} positions) for {n} chats of {prompt_tokens} prompt "
+          f"tokens and up to {max_tokens} more each: {n * -(-(prompt_tokens + max_tokens) // size)} blocks unshared")
 
 
 if __name__ == "__main__":

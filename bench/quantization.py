@@ -15,12 +15,11 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from aserve.engine.kv_cache import KVCache
 from aserve.engine.model_runner import ModelRunner
 from aserve.models.loader import load_model
 from aserve.models.store import default_cache_dir, resolve_model
 from load import PROMPTS
-from runner_ceiling import decode_step, measure, prefill
+from runner_ceiling import decode_step, measure, paged_runner, prefill
 
 PLAIN_PROMPTS = (
     "The three most important inventions of the twentieth century are",
@@ -38,6 +37,8 @@ def greedy(runner: ModelRunner, prompts: list[list[int]], tokens: int) -> list[l
     seqs = prefill(runner, prompts)
     for _ in range(tokens - 1):
         decode_step(runner, seqs)
+    for seq in seqs:
+        runner.blocks.free(seq)
     return [s.output_ids for s in seqs]
 
 
@@ -62,8 +63,7 @@ def main() -> None:
     print("mode   exact   agree   tok/s@1  tok/s@32")
     for mode in ["none"] + [m for m in args.modes if m != "none"]:
         loaded = load_model(Path(path), "cpu", "float32", max_len, quantization=mode)
-        kv = KVCache.allocate(loaded.args, max(32, len(prompts)), loaded.max_model_len, loaded.dtype, loaded.device)
-        runner = ModelRunner(loaded.model, kv, loaded.device, seed=0)
+        runner = paged_runner(loaded, max(32, len(prompts)), loaded.max_model_len)
         outputs[mode] = greedy(runner, prompts, args.tokens)
         ref = outputs["none"]
         exact = sum(a == b for a, b in zip(ref, outputs[mode])) / len(prompts)

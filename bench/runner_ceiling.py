@@ -1,9 +1,9 @@
 """The model runner alone, no HTTP: decode steps/s and tokens/s per batch size.
 
 This is the ceiling the whole server can approach: `python bench/runner_ceiling.py
---batch 1 8 32 --context 128 512 2048`. For each context length and batch size it fills
-`batch` slots with prompts of `context` tokens, then times decode steps (batched forward +
-sampling + the host sync that reads tokens) at that context.
+--batch 1 8 32 --context 128 512 2048`. For each context length and batch size it prefills
+`batch` sequences of `context` tokens into the paged KV cache, then times decode steps
+(batched forward + sampling + the host sync that reads tokens) at that context.
 """
 
 import argparse
@@ -13,26 +13,39 @@ from pathlib import Path
 
 import torch
 
+from aserve.engine.block_manager import BlockManager
 from aserve.engine.kv_cache import KVCache
 from aserve.engine.model_runner import ModelRunner
 from aserve.engine.scheduler import ScheduledSeq
 from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
-from aserve.models.loader import load_model
+from aserve.models.loader import LoadedModel, load_model
 from aserve.models.store import default_cache_dir, resolve_model
 
 
+def paged_runner(loaded: LoadedModel, batch: int, max_len: int, block_size: int = 16) -> ModelRunner:
+    """A runner with just the KV blocks that `batch` sequences of `max_len` tokens need."""
+    blocks = batch * -(-max_len // block_size)
+    kv = KVCache.allocate(loaded.args, blocks * KVCache.bytes_per_block(loaded.args, block_size, loaded.dtype),
+                          block_size, loaded.dtype, loaded.device)
+    return ModelRunner(loaded.model, kv, BlockManager(kv.num_blocks, kv.block_size, prefix_caching=False),
+                       loaded.device, seed=0)
+
+
 def prefill(runner: ModelRunner, prompts: list[list[int]]) -> list[Sequence]:
-    """Greedy sequences in slots 0.., each prompt prefilled alone, holding its first token."""
-    seqs = [Sequence(f"s{i}", ids, SamplingParams(max_tokens=10**6, temperature=0),
-                     status=SequenceStatus.RUNNING, slot=i) for i, ids in enumerate(prompts)]
+    """Greedy sequences, each prompt prefilled alone into its own blocks, holding its first token."""
+    seqs = [Sequence(f"s{i}", ids, SamplingParams(max_tokens=10**6, temperature=0), status=SequenceStatus.RUNNING)
+            for i, ids in enumerate(prompts)]
     for seq in seqs:
+        assert runner.blocks.allocate(seq, reuse=False)
         seq.output_ids = [runner.run([ScheduledSeq(seq, len(seq.prompt_ids))]).tokens[0]]
         seq.num_computed = len(seq.prompt_ids)
     return seqs
 
 
 def decode_step(runner: ModelRunner, seqs: list[Sequence]) -> None:
-    """One batched decode step: every sequence gets its next token."""
+    """One batched decode step: every sequence gets its next token (and a new block at a boundary)."""
+    for seq in seqs:
+        assert runner.blocks.reserve(seq, seq.num_computed + 1)
     for seq, token in zip(seqs, runner.run([ScheduledSeq(s, 1) for s in seqs]).tokens):
         seq.num_computed += 1
         seq.output_ids.append(token)
@@ -46,7 +59,10 @@ def measure(runner: ModelRunner, batch: int, context: int, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         decode_step(runner, seqs)
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    for seq in seqs:
+        runner.blocks.free(seq)
+    return elapsed
 
 
 def main() -> None:
@@ -58,19 +74,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-model-len", type=int, default=2048,
-                        help="positions per KV slot, as the server allocates them (default: the server's 2048)")
+    parser.add_argument("--block-size", type=int, default=16, help="positions per KV-cache block")
     parser.add_argument("--json", metavar="PATH", help="also write [{context, batch, step_ms, tokens_per_s}] here")
     parser.add_argument("--quantization", default="none", help="none | fp16 (see aserve/models/quantize.py)")
     args = parser.parse_args()
     if args.steps < 1 or min(args.batch) < 1 or min(args.context) < 1:
         parser.error("--steps, --batch and --context must be >= 1")
     path = resolve_model(args.model, default_cache_dir())
-    loaded = load_model(Path(path), args.device, args.dtype, max(args.max_model_len, max(args.context) + args.steps + 1),
-                        quantization=args.quantization)
-    kv = KVCache.allocate(loaded.args, max(args.batch), loaded.max_model_len, loaded.dtype, loaded.device)
-    runner = ModelRunner(loaded.model, kv, loaded.device, seed=0)
-    if max(args.context) + args.steps + 1 > loaded.max_model_len:
+    longest = max(args.context) + args.steps + 2
+    loaded = load_model(Path(path), args.device, args.dtype, longest, quantization=args.quantization)
+    runner = paged_runner(loaded, max(args.batch), longest, args.block_size)
+    if longest > loaded.max_model_len:
         parser.error(f"--context {max(args.context)} + --steps {args.steps} exceeds the model's context "
                      f"{loaded.max_model_len}")
     print(f"threads={torch.get_num_threads()} context={' '.join(map(str, args.context))} dtype={loaded.dtype} quantization={args.quantization}")

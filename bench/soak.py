@@ -206,7 +206,7 @@ async def wait_until_idle(session: aiohttp.ClientSession, url: str, seconds: flo
             status, health = await get_health(session, url)
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             status, health = 0, {"error": f"{type(exc).__name__}: {exc}"}
-        if status == 200 and health.get("kv_slots_free", -1) == health.get("kv_slots_total") \
+        if status == 200 and health.get("kv_blocks_free", -1) == health.get("kv_blocks_total") \
                 and health.get("running") == health.get("waiting") == 0:
             return health, True
         await asyncio.sleep(0.1)
@@ -217,7 +217,7 @@ async def soak(args: argparse.Namespace, url: str, pid: int | None) -> Report:
     tally, rng = Tally(), random.Random(args.seed)
     connector = aiohttp.TCPConnector(limit=0, force_close=True)  # a dropped request really closes its socket
     async with aiohttp.ClientSession(connector=connector) as session:
-        concurrency = args.concurrency or (await get_health(session, url))[1]["kv_slots_total"]
+        concurrency = args.concurrency or (await get_health(session, url))[1]["kv_blocks_total"]
         rss_start, t0 = rss(pid), time.monotonic()
         print(f"soak: {url} (pid {pid}), concurrency {concurrency}, {args.minutes:g} min", file=sys.stderr)
 
@@ -272,7 +272,7 @@ def main() -> int:
     p.add_argument("--serve-args", default="", help="extra `aserve serve` arguments (write --serve-args=\"...\")")
     p.add_argument("--server-log", type=Path, default=Path("bench/results/soak-server.log"))
     p.add_argument("--minutes", type=float, default=10.0)
-    p.add_argument("--concurrency", type=int, default=0, help="default: /health kv_slots_total (max_num_seqs)")
+    p.add_argument("--concurrency", type=int, default=0, help="default: /health kv_blocks_total (max_num_seqs)")
     p.add_argument("--max-requests", type=int, default=100_000, help="send at most this many")
     p.add_argument("--max-tokens", type=int, default=128, help="each request draws max_tokens from [8, this]")
     p.add_argument("--cancel-fraction", type=float, default=0.2)

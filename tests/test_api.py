@@ -60,7 +60,9 @@ async def serve(model_dir: Path, model_settings: dict[str, Any] | None = None,
     # Built exactly as the CLI builds it (aserve/cli.py -> launch.build_state -> app).
     config = load_config(None, {
         "model": {"path": str(model_dir), "max_model_len": MAX_MODEL_LEN, **(model_settings or {})},
-        "engine": {"max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens": 64, **(engine_settings or {})},
+        # 4 MiB: 512 blocks of 16 positions of the tiny models (512 bytes a position).
+        "engine": {"max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens": 64, "kv_cache_memory": "4MiB",
+                   **(engine_settings or {})},
         "server": {"max_body_bytes": MAX_BODY_BYTES, **server_settings},
     })
     state = build_state(config)
@@ -229,6 +231,11 @@ async def stream(client: aiohttp.ClientSession, server: Server, **body) -> Strea
     return result
 
 
+def counts(usage: dict) -> dict:
+    """Usage without prompt_tokens_details: a repeated prompt finds its blocks cached the second time."""
+    return {key: usage[key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
 def text_of(completion: dict) -> str:
     return completion["choices"][0]["message"]["content"]
 
@@ -253,7 +260,7 @@ async def wait_until_idle(client: aiohttp.ClientSession, server: Server, timeout
     """Polls /health until no request runs or waits and every KV slot is free."""
     return await poll_health(
         client, server,
-        lambda st: st["running"] == 0 and st["waiting"] == 0 and st["kv_slots_free"] == st["kv_slots_total"],
+        lambda st: st["running"] == 0 and st["waiting"] == 0 and st["kv_blocks_free"] == st["kv_blocks_total"],
         "the engine is still busy", timeout)
 
 
@@ -275,7 +282,7 @@ async def test_non_stream_chat_returns_a_valid_completion_with_consistent_usage(
     expected_prompt = len(server.state.tokenizer.apply_chat_template(HELLO, add_generation_prompt=True,
                                                                      tokenize=True, return_dict=False))
     assert body["usage"] == {"prompt_tokens": expected_prompt, "completion_tokens": 5,
-                             "total_tokens": expected_prompt + 5}
+                             "total_tokens": expected_prompt + 5, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 # ---------------------------------------------------------------------------- streaming
@@ -332,7 +339,7 @@ async def test_streamed_text_equals_non_stream_text(server, client, sampling):
                      **sampling)
     assert s.text == text_of(whole)
     assert s.finish_reason == whole["choices"][0]["finish_reason"]
-    assert s.chunks[-1]["usage"] == whole["usage"]
+    assert counts(s.chunks[-1]["usage"]) == counts(whole["usage"])  # the second one found its prompt cached
 
 
 def _split_characters(text: str, vocab: dict[str, int]) -> set[str]:
@@ -719,7 +726,7 @@ async def test_content_as_a_list_of_text_parts(server, client):
     as_parts = await chat(client, server, messages=[{"role": "user", "content": parts}], max_tokens=4, temperature=0)
     as_text = await chat(client, server, messages=[{"role": "user", "content": "Hello there,\nhow are you today?"}],
                          max_tokens=4, temperature=0)
-    assert as_parts["usage"] == as_text["usage"]
+    assert counts(as_parts["usage"]) == counts(as_text["usage"])
     assert text_of(as_parts) == text_of(as_text)
 
 
@@ -744,7 +751,7 @@ async def test_developer_role_is_accepted_as_system(server, client):
 
     as_developer = await chat(client, server, messages=convo("developer"), max_tokens=5, temperature=0)
     as_system = await chat(client, server, messages=convo("system"), max_tokens=5, temperature=0)
-    assert as_developer["usage"] == as_system["usage"]
+    assert counts(as_developer["usage"]) == counts(as_system["usage"])
     assert text_of(as_developer) == text_of(as_system)
 
 
@@ -786,9 +793,11 @@ async def test_served_model_name_with_a_slash(tiny_llama_dir, client):
 async def test_health_reports_ok_and_engine_counters(server, client):
     stats = await health(client, server)
     assert stats["status"] == "ok"
-    assert stats["kv_slots_total"] == MAX_NUM_SEQS
-    for key in ("running", "waiting", "kv_slots_free", "steps"):
+    assert (stats["kv_blocks_total"], stats["kv_block_size"]) == (512, 16)
+    for key in ("running", "waiting", "kv_blocks_free", "kv_blocks_cached", "prefix_cache_queries",
+                "prefix_cache_hits", "preemptions", "steps"):
         assert isinstance(stats[key], int) and stats[key] >= 0
+    assert 0 <= stats["prefix_cache_hit_rate"] <= 1
 
 
 # ---------------------------------------------------------------------------- disconnects, load
@@ -836,12 +845,12 @@ async def test_client_leaving_while_queued_is_dropped_from_the_queue(cjk_server,
         queued = asyncio.create_task(post(client, cjk_server.url, {"messages": HELLO, "max_tokens": 5},
                                           timeout=aiohttp.ClientTimeout(total=0.4)))
         stats = await poll_health(client, cjk_server, lambda st: st["waiting"] == 1, "the 5th request never queued")
-        assert stats["kv_slots_free"] == 0
+        assert stats["running"] == MAX_NUM_SEQS and stats["kv_blocks_free"] > 0  # waiting for a place, not memory
         with pytest.raises(asyncio.TimeoutError):
             await queued
         stats = await poll_health(client, cjk_server, lambda st: st["waiting"] == 0,
                                   "the abandoned request is still queued", timeout=1.0)
-        assert stats["running"] == MAX_NUM_SEQS and stats["kv_slots_free"] == 0  # the others go on undisturbed
+        assert stats["running"] == MAX_NUM_SEQS  # the others go on undisturbed
     finally:
         if queued is not None and not queued.done():
             queued.cancel()

@@ -103,10 +103,10 @@ async def test_stop_aborts_the_fetch_and_the_server_cancels_the_request(server, 
     assert "finish: stopped" in await wait_finished(page)
     stats = server.state.engine.stats
     for _ in range(100):  # the disconnect reaches the engine within a step or two
-        if stats()["running"] == 0 and stats()["kv_slots_free"] == stats()["kv_slots_total"]:
+        if stats()["running"] == 0 and stats()["kv_blocks_free"] == stats()["kv_blocks_total"]:
             break
         await asyncio.sleep(0.02)
-    assert stats()["running"] == 0 and stats()["kv_slots_free"] == stats()["kv_slots_total"]
+    assert stats()["running"] == 0 and stats()["kv_blocks_free"] == stats()["kv_blocks_total"]
     assert server.state.in_flight == 0
     assert await page.locator("#send").is_enabled()
 

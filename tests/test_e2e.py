@@ -56,13 +56,14 @@ def _free_port() -> int:
 class ServerProcess:
     """`python -m aserve serve` in the repo root (so config.toml is read), stdout+stderr captured."""
 
-    def __init__(self, *extra_args: str) -> None:
+    def __init__(self, *extra_args: str, defaults: bool = False) -> None:
+        """`defaults`: the server as `make serve` starts it, without this module's smaller limits."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model_name: str | None = None
         self.announced_url: str | None = None
-        cmd = [sys.executable, "-m", "aserve", "serve", "--port", str(self.port),
-               "--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN), *extra_args]
+        limits = [] if defaults else ["--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN)]
+        cmd = [sys.executable, "-m", "aserve", "serve", "--port", str(self.port), *limits, *extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")  # ASERVE_CACHE_DIR, if set, passes through
         self._lines: list[str] = []
         self._ready = threading.Event()
@@ -125,8 +126,8 @@ class ServerProcess:
         return elapsed
 
 
-def _start(*extra_args: str) -> ServerProcess:
-    server = ServerProcess(*extra_args)
+def _start(*extra_args: str, defaults: bool = False) -> ServerProcess:
+    server = ServerProcess(*extra_args, defaults=defaults)
     server.wait_ready()
     return server
 
@@ -207,7 +208,7 @@ async def _wait_idle(http: aiohttp.ClientSession, url: str, within: float = 5.0)
     deadline = time.monotonic() + within
     while True:
         h = await _health(http, url)
-        if h["running"] == 0 and h["waiting"] == 0 and h["kv_slots_free"] == h["kv_slots_total"]:
+        if h["running"] == 0 and h["waiting"] == 0 and h["kv_blocks_free"] == h["kv_blocks_total"]:
             return h
         if time.monotonic() > deadline:
             pytest.fail(f"the server is not idle {within:.0f} s after the last client left: {h}")
@@ -222,7 +223,8 @@ async def test_health_and_models_list(server: ServerProcess, http: aiohttp.Clien
     assert server.model_name == DEFAULT_MODEL_ID
     h = await _health(http, server.url)
     assert h["status"] == "ok"
-    assert h["kv_slots_total"] == MAX_NUM_SEQS
+    # The default 2 GiB of float32 keys/values: 45 KiB a position for SmolLM2-135M (30 layers x 3 kv heads x 64 x 2 x 4 bytes).
+    assert (h["kv_blocks_total"], h["kv_block_size"]) == (2**31 // (16 * 46080), 16)
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0) as client:
         models = client.models.list()
         assert [m.id for m in models.data] == [server.model_name]
@@ -314,7 +316,7 @@ def test_openai_sdk_sync_completions_stream(server: ServerProcess) -> None:
 
 
 @pytest.mark.e2e
-async def test_disconnect_mid_stream_frees_the_slot(server: ServerProcess, http: aiohttp.ClientSession) -> None:
+async def test_disconnect_mid_stream_frees_its_blocks(server: ServerProcess, http: aiohttp.ClientSession) -> None:
     async with asyncio.timeout(REQUEST_TIMEOUT_S):
         await _wait_idle(http, server.url)
         resp = await http.post(server.url + "/v1/chat/completions",
@@ -327,14 +329,15 @@ async def test_disconnect_mid_stream_frees_the_slot(server: ServerProcess, http:
                 if content_events == 3:
                     break
         during = await _health(http, server.url)
-        assert during["running"] == 1 and during["kv_slots_free"] == during["kv_slots_total"] - 1, during
+        # The chat prompt and a few tokens: a few blocks of 16, not a reservation for max_model_len.
+        assert during["running"] == 1 and 0 < during["kv_blocks_total"] - during["kv_blocks_free"] <= 4, during
         resp.close()  # drops the connection mid-stream
         after = await _wait_idle(http, server.url, within=5.0)
         # The aborted request stopped decoding: the step counter no longer moves.
         await asyncio.sleep(0.3)
         assert (await _health(http, server.url))["steps"] == after["steps"]
 
-        # All the capacity is usable again: 4 streams decode at once, each in its own slot.
+        # All the capacity is usable again: 4 streams decode at once.
         started = [asyncio.Event() for _ in range(MAX_NUM_SEQS)]
 
         async def one(i: int) -> tuple[str, str | None, dict | None]:
@@ -365,7 +368,7 @@ async def test_disconnect_mid_stream_frees_the_slot(server: ServerProcess, http:
         all_started.cancel()
         results = await asyncio.gather(*tasks)
     assert busy is not None, "a stream ended before all of them had started"
-    assert busy["running"] == MAX_NUM_SEQS and busy["kv_slots_free"] == 0, busy
+    assert busy["running"] == MAX_NUM_SEQS, busy
     for text, finish, usage in results:
         assert text and finish == "length" and usage["completion_tokens"] == 40
     await _wait_idle(http, server.url)
@@ -564,3 +567,28 @@ async def test_tokenize_detokenize_round_trip_on_the_real_tokenizer(server: Serv
     async with http.post(server.url + "/detokenize", json={"tokens": tokens}) as resp:
         text = (await resp.json())["prompt"]
     assert text.endswith("What is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.e2e
+async def test_the_default_server_serves_the_models_whole_context(http: aiohttp.ClientSession) -> None:
+    # The KV cache is paged, so the default max_model_len is SmolLM2's own 8,192 tokens, not a
+    # per-request reservation: a 4,000-token prompt is answered, a 10,000-token one is refused.
+    server = _start(defaults=True)
+    try:
+        async with asyncio.timeout(120):
+            sentence = "The lighthouse keeper wrote down the weather every morning. "
+            long_text = sentence * 340  # ~4,000 tokens
+            async with http.post(server.url + "/v1/completions",
+                                 json={"prompt": long_text, "max_tokens": 4, "temperature": 0}) as resp:
+                body = await resp.json()
+            assert resp.status == 200, body
+            assert 3900 <= body["usage"]["prompt_tokens"] <= 8192 - 4 and body["choices"][0]["text"]
+            async with http.post(server.url + "/v1/completions",
+                                 json={"prompt": sentence * 850, "max_tokens": 4}) as resp:
+                error = (await resp.json())["error"]
+            assert resp.status == 400 and "8192" in error["message"], error
+            assert error["code"] == "context_length_exceeded"
+            h = await _health(http, server.url)
+            assert h["kv_blocks_free"] == h["kv_blocks_total"]
+    finally:
+        server.assert_clean_exit(signal.SIGTERM)

@@ -15,8 +15,8 @@ PROMPTS = [[5, 6, 7], list(range(20, 61)), [9] * 12, list(range(100, 117))]
 
 
 @asynccontextmanager
-async def running_engine(model_dir, **engine):
-    config = load_config(None, {"model": {"path": str(model_dir), "max_model_len": 256},
+async def running_engine(model_dir, max_model_len: int = 256, **engine):
+    config = load_config(None, {"model": {"path": str(model_dir), "max_model_len": max_model_len},
                                 "engine": {"seed": 0, **engine}})
     state = build_state(config)
     task = asyncio.create_task(state.engine.run())
@@ -54,6 +54,22 @@ async def test_greedy_output_is_the_same_alone_and_in_a_batch(fixture, request):
     assert all(n == 12 and reason == "length" for _, reason, n in alone)
 
 
+async def test_greedy_output_is_the_same_when_a_small_cache_forces_preemptions(tiny_llama_dir):
+    # 16 blocks of 4 positions (the tiny model's keys and values take 512 bytes a position): each
+    # request fits alone, the four together (121 positions) do not.
+    small = {"kv_cache_memory": str(16 * 4 * 512), "block_size": 4, "max_num_seqs": 4}
+    async with running_engine(tiny_llama_dir, max_num_seqs=4, enable_prefix_caching=False) as engine:
+        alone = [await collect(engine, f"alone{i}", p) for i, p in enumerate(PROMPTS)]
+    for caching in (False, True):
+        async with running_engine(tiny_llama_dir, max_model_len=64, enable_prefix_caching=caching, **small) as engine:
+            assert engine.stats()["kv_blocks_total"] == 16
+            async with asyncio.timeout(60):  # a leaked block would leave a request waiting forever
+                together = await asyncio.gather(*(collect(engine, f"batch{i}", p) for i, p in enumerate(PROMPTS)))
+            assert engine.stats()["preemptions"] > 0
+            await wait_until(lambda: engine.stats()["kv_blocks_free"] == 16)
+        assert together == alone
+
+
 async def test_chunked_prefill_gives_the_same_greedy_output(tiny_llama_dir):
     async with running_engine(tiny_llama_dir, max_num_batched_tokens=256) as engine:
         whole = await collect(engine, "whole", PROMPTS[1])
@@ -83,15 +99,16 @@ async def test_a_request_joins_and_leaves_while_another_keeps_decoding(tiny_llam
     assert short[2] == 3
 
 
-async def test_closing_a_stream_aborts_its_request_and_frees_the_slot(tiny_llama_dir):
+async def test_closing_a_stream_aborts_its_request_and_frees_its_blocks(tiny_llama_dir):
     async with running_engine(tiny_llama_dir, max_num_seqs=2) as engine:
+        total = engine.stats()["kv_blocks_total"]
         stream = engine.generate(GenerationRequest("gone", PROMPTS[0], SamplingParams(max_tokens=200, temperature=0,
                                                                                       ignore_eos=True)))
         await anext(stream)
         await anext(stream)
-        assert engine.stats()["kv_slots_free"] == 1
+        assert engine.stats()["kv_blocks_free"] == total - 1  # 3 prompt tokens and a few more: one block
         await stream.aclose()
-        await wait_until(lambda: engine.stats()["kv_slots_free"] == 2 and engine.stats()["running"] == 0)
+        await wait_until(lambda: engine.stats()["kv_blocks_free"] == total and engine.stats()["running"] == 0)
 
 
 async def test_cancelled_consumer_aborts_its_request(tiny_llama_dir):
@@ -99,7 +116,8 @@ async def test_cancelled_consumer_aborts_its_request(tiny_llama_dir):
         task = asyncio.create_task(collect(engine, "cancel-me", PROMPTS[0], max_tokens=500))
         await wait_until(lambda: engine.stats()["running"] == 1)
         task.cancel()
-        await wait_until(lambda: engine.stats()["running"] == 0 and engine.stats()["kv_slots_free"] == 2)
+        await wait_until(lambda: engine.stats()["running"] == 0
+                         and engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"])
 
 
 async def test_more_requests_than_slots_wait_and_all_finish(tiny_llama_dir):
@@ -134,7 +152,7 @@ async def test_engine_error_ends_only_the_affected_request(tiny_llama_dir):
         assert isinstance(results[1], EngineError) and "injected fault" in str(results[1])
         # The loop goes on serving, and the failed request's slot is free again.
         assert await collect(engine, "after", PROMPTS[0]) == expected[0]
-        assert engine.stats()["kv_slots_free"] == engine.stats()["kv_slots_total"]
+        assert engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"]
 
 
 def _fault_for(request_id: str, fault):
@@ -166,7 +184,7 @@ async def test_a_nan_or_out_of_memory_in_one_request_fails_only_that_request(tin
             return_exceptions=True)
         assert results[0] == expected[0] and results[2] == expected[1]
         assert isinstance(results[1], EngineError) and message in str(results[1])
-        assert engine.stats()["kv_slots_free"] == engine.stats()["kv_slots_total"]
+        assert engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"]
         engine.runner.fault_hook = None
         assert await collect(engine, "after", PROMPTS[2], max_tokens=3)
 
@@ -181,7 +199,7 @@ async def test_stop_string_ends_the_request_in_the_engine(tiny_llama_dir):
     assert cut == full[: full.index(stop)]
 
 
-def test_an_engine_without_kv_slots_is_refused_at_start(tiny_llama_dir):
+def test_an_engine_that_may_run_no_sequence_is_refused_at_start(tiny_llama_dir):
     config = load_config(None, {"model": {"path": str(tiny_llama_dir)}, "engine": {"max_num_seqs": 0}})
     with pytest.raises(ValueError, match="max_num_seqs must be at least 1"):
         build_state(config)
@@ -221,15 +239,16 @@ async def test_prefix_cache_reuses_a_finished_requests_tokens_without_changing_t
     async with running_engine(tiny_llama_dir, max_num_seqs=2, enable_prefix_caching=False) as engine:
         await collect(engine, "t1", first_turn)
         expected = await collect(engine, "t2", second_turn)
-        assert engine.stats()["prefix_cache_tokens_reused"] == 0
+        assert engine.stats()["prefix_cache_hits"] == 0
     async with running_engine(tiny_llama_dir, max_num_seqs=2) as engine:
         await collect(engine, "t1", first_turn)
         cached = await collect(engine, "t2", second_turn)
-        assert engine.stats()["prefix_cache_tokens_reused"] == len(first_turn)
+        # Whole 16-token blocks only: the third block of t1 went on with its output, not t2's tokens.
+        assert engine.stats()["prefix_cache_hits"] == 32
     assert cached == expected
 
 
-async def test_a_prefix_held_by_a_running_request_is_copied_without_changing_the_output(tiny_llama_dir):
+async def test_a_prefix_held_by_a_running_request_is_shared_without_changing_the_output(tiny_llama_dir):
     system = PROMPTS[1]
     first, second = system + [7, 8, 9], system + [70, 71]
     async with running_engine(tiny_llama_dir, max_num_seqs=2, enable_prefix_caching=False) as engine:
@@ -239,23 +258,23 @@ async def test_a_prefix_held_by_a_running_request_is_copied_without_changing_the
         await wait_until(lambda: engine.stats()["steps"] >= 2)  # "a" is decoding, its prompt cached
         copied = await collect(engine, "b", second)
         assert not running.done()  # "b" was admitted while "a" still held the prefix
-        assert engine.stats()["prefix_cache_tokens_reused"] == len(system)
+        assert engine.stats()["prefix_cache_hits"] == 32  # the system prompt's two full blocks
         running.cancel()
     assert copied == expected
 
 
-async def test_a_prefix_kept_in_the_pool_after_its_slot_was_reused_gives_the_same_output(tiny_llama_dir):
+async def test_a_finished_requests_blocks_stay_cached_while_others_run(tiny_llama_dir):
     history, resent = PROMPTS[1], PROMPTS[1] + [30, 31]  # 41 tokens: two full blocks of 16
     async with running_engine(tiny_llama_dir, max_num_seqs=1, enable_prefix_caching=False) as engine:
         expected = await collect(engine, "cold", resent)
     async with running_engine(tiny_llama_dir, max_num_seqs=1) as engine:
         await collect(engine, "t1", history)
-        await collect(engine, "other", PROMPTS[2])  # takes the only slot: the history is left in the pool alone
-        pooled = await collect(engine, "t2", resent)
-        assert engine.stats()["prefix_cache_tokens_reused"] == 32
-        # t1's 53 tokens fill 3 blocks, "other"'s 24 fill 1, t2's 55 add its third block.
-        assert engine.stats()["prefix_pool_blocks_cached"] == 5
-    assert pooled == expected
+        await collect(engine, "other", PROMPTS[2])
+        again = await collect(engine, "t2", resent)
+        assert engine.stats()["prefix_cache_hits"] == 32
+        # t1's 52 computed tokens fill 3 blocks, "other"'s 23 fill 1, t2's 54 add its third block.
+        assert engine.stats()["kv_blocks_cached"] == 5
+    assert again == expected
 
 
 def test_the_model_thread_gets_the_configured_torch_threads_and_the_caller_keeps_its_own(tiny_llama_dir):
@@ -271,7 +290,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed(tiny_ll
     async with running_engine(tiny_llama_dir, max_buffered_tokens=8) as engine:
         outputs = engine.generate(GenerationRequest("slow", PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True)))
         await anext(outputs)  # the request runs; then its reader stalls
-        await wait_until(lambda: engine.stats()["kv_slots_free"] == engine.stats()["kv_slots_total"])
+        await wait_until(lambda: engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"])
         assert engine.stats()["running"] == 0
         with pytest.raises(EngineError, match="did not read its stream"):
             async for _ in outputs:

@@ -44,12 +44,12 @@ def base_url(tiny_llama_dir) -> Iterator[str]:
     for _ in range(100):
         with urllib.request.urlopen(ready["url"] + "/health", timeout=TIMEOUT_S) as resp:
             health = json.loads(resp.read())
-        if health["running"] == health["waiting"] == 0 and health["kv_slots_free"] == health["kv_slots_total"]:
+        if health["running"] == health["waiting"] == 0 and health["kv_blocks_free"] == health["kv_blocks_total"]:
             break
         time.sleep(0.05)
     loop.call_soon_threadsafe(stop.set)
     thread.join(30)
-    assert health["status"] == "ok" and health["kv_slots_free"] == health["kv_slots_total"], health
+    assert health["status"] == "ok" and health["kv_blocks_free"] == health["kv_blocks_total"], health
 
 
 def send(url: str, body: bytes) -> tuple[int, bytes]:

@@ -1,4 +1,4 @@
-"""Our Llama-family forward over the slot KV cache computes what transformers computes."""
+"""Our Llama-family forward over the paged KV cache computes what transformers computes."""
 
 import functools
 
@@ -6,22 +6,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from aserve.engine.block_manager import BlockManager
 from aserve.engine.kv_cache import KVCache
 from aserve.engine.model_runner import ModelRunner
 from aserve.engine.scheduler import ScheduledSeq
 from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
-from aserve.models.batch import ForwardBatch
 from aserve.models.loader import UnsupportedModelError, load_model, read_hf_config
 from aserve.models.onednn_linear import OneDNNLinear, onednn_available
 
 ARCH_FIXTURES = ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_qwen3_dir"]
 
 
-def _seq(rid: str, prompt: list[int], slot: int) -> Sequence:
-    return Sequence(rid, prompt, SamplingParams(max_tokens=8, temperature=0), status=SequenceStatus.RUNNING, slot=slot)
+def _seq(rid: str, prompt: list[int]) -> Sequence:
+    return Sequence(rid, prompt, SamplingParams(max_tokens=8, temperature=0), status=SequenceStatus.RUNNING)
 
 
 def _logits(runner: ModelRunner, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+    for item in scheduled:  # blocks handed out step by step: the sequences' blocks interleave
+        assert runner.blocks.reserve(item.seq, item.seq.num_computed + item.num_tokens)
     with torch.inference_mode():
         out = runner.model(runner._build_batch(scheduled)[0], runner.kv_cache.k, runner.kv_cache.v)
     for item in scheduled:
@@ -44,39 +46,42 @@ def model_dir(request):
     return request.getfixturevalue(request.param)
 
 
-def _runner(path, **load_options) -> ModelRunner:
+def _runner(path, block_size: int = 4, **load_options) -> ModelRunner:
     loaded = load_model(path, "cpu", "float32", 128, **load_options)
-    kv = KVCache.allocate(loaded.args, 4, loaded.max_model_len, loaded.dtype, loaded.device)
-    return ModelRunner(loaded.model, kv, loaded.device, seed=0)
+    kv = KVCache.allocate(loaded.args, 128 * KVCache.bytes_per_block(loaded.args, block_size, loaded.dtype), block_size,
+                          loaded.dtype, loaded.device)
+    return ModelRunner(loaded.model, kv, BlockManager(kv.num_blocks, block_size), loaded.device, seed=0)
 
 
 def test_prefill_logits_match_transformers(model_dir):
     runner = _runner(model_dir)
     prompt = list(range(3, 20))
-    seq = _seq("a", prompt, slot=1)
+    seq = _seq("a", prompt)
     logits = _logits(runner, [ScheduledSeq(seq, len(prompt))])
     torch.testing.assert_close(logits[0], _reference(model_dir, prompt)[-1], atol=1e-4, rtol=1e-4)
 
 
 def test_chunked_prefill_gives_the_same_logits_as_one_chunk(model_dir):
     runner = _runner(model_dir)
-    prompt = list(range(5, 30))
-    seq = _seq("a", prompt, slot=2)
-    for n in (10, 10):
+    prompt = list(range(5, 85))
+    seq = _seq("a", prompt)
+    # The three attention paths: a first chunk over its own keys, a long later chunk over its
+    # gathered blocks, a short later chunk through the paged op.
+    for n in (10, 40):
         _logits(runner, [ScheduledSeq(seq, n)])
-    last = _logits(runner, [ScheduledSeq(seq, 5)])
+    last = _logits(runner, [ScheduledSeq(seq, 30)])
     torch.testing.assert_close(last[0], _reference(model_dir, prompt)[-1], atol=1e-4, rtol=1e-4)
 
 
 def test_batched_decode_of_different_lengths_matches_transformers(model_dir):
     runner = _runner(model_dir)
     short, long = [7, 8, 9], list(range(10, 40))
-    a, b = _seq("a", short, slot=3), _seq("b", long, slot=0)
+    a, b = _seq("a", short), _seq("b", long)
     _logits(runner, [ScheduledSeq(a, len(short)), ScheduledSeq(b, len(long))])
     a.output_ids.append(11)
     b.output_ids.append(12)
-    # One step mixing two decodes (slots 3 and 0, so idle slots 1-2 sit between) and a new prefill.
-    c = _seq("c", [4, 5, 6, 7], slot=1)
+    # One step mixing two decodes and a new prefill.
+    c = _seq("c", [4, 5, 6, 7])
     logits = _logits(runner, [ScheduledSeq(a, 1), ScheduledSeq(b, 1), ScheduledSeq(c, 4)])
     torch.testing.assert_close(logits[0], _reference(model_dir, short + [11])[-1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[1], _reference(model_dir, long + [12])[-1], atol=1e-4, rtol=1e-4)
@@ -103,8 +108,9 @@ def test_random_weights_give_the_configs_shape_without_reading_weight_files(tmp_
     loaded = load_model(tmp_path, "cpu", "float32", 64, random_weights=True)
     real = load_model(tiny_qwen2_dir, "cpu", "float32", 64)
     assert loaded.args == real.args  # the Qwen2 layout (QKV bias, tied embeddings) follows from the config
-    runner = ModelRunner(loaded.model, KVCache.allocate(loaded.args, 1, 64, loaded.dtype, loaded.device), loaded.device)
-    logits = _logits(runner, [ScheduledSeq(_seq("a", [3, 4, 5], slot=0), 3)])
+    kv = KVCache.allocate(loaded.args, 2**20, 16, loaded.dtype, loaded.device)
+    runner = ModelRunner(loaded.model, kv, BlockManager(kv.num_blocks, 16), loaded.device)
+    logits = _logits(runner, [ScheduledSeq(_seq("a", [3, 4, 5]), 3)])
     assert logits.shape == (1, real.args.vocab_size) and torch.isfinite(logits).all()
 
 
@@ -125,7 +131,7 @@ def test_fp16_quantization_replaces_every_linear_and_keeps_logits_close(model_di
     assert linears == [] and len(quantized) == 4 * runner.model.args.num_layers + 1  # qkv, o, gate_up, down; lm_head
     assert {m._packed_params.dtype for m in quantized} == {torch.float16}
     prompt = list(range(3, 20))
-    logits = _logits(runner, [ScheduledSeq(_seq("a", prompt, slot=0), len(prompt))])
+    logits = _logits(runner, [ScheduledSeq(_seq("a", prompt), len(prompt))])
     reference = _reference(model_dir, prompt)[-1]
     # float16 weights keep ~3 significant digits, so logits move by ~1e-3 of their scale.
     torch.testing.assert_close(logits[0], reference, atol=2e-3 * reference.abs().max().item(), rtol=0)
@@ -139,30 +145,3 @@ def test_fp16_quantization_replaces_every_linear_and_keeps_logits_close(model_di
 def test_unusable_quantization_is_refused_with_the_reason(tiny_llama_dir, mode, dtype, message):
     with pytest.raises(ValueError, match=message):
         load_model(tiny_llama_dir, "cpu", dtype, 128, quantization=mode)
-
-
-def test_bfloat16_decode_attention_keeps_its_scores_in_float32(tiny_llama_dir):
-    loaded = load_model(tiny_llama_dir, "cpu", "float32", 64)
-    attn, args = loaded.model.layers[0].self_attn, loaded.args
-    group = args.num_heads // args.num_kv_heads
-    gen = torch.Generator().manual_seed(0)
-    # Large scores, as real models have: rounded to bfloat16, they move the softmax visibly.
-    q = (torch.randn(2, args.num_heads, args.head_dim, generator=gen) * 6).bfloat16()
-    k = (torch.randn(3, args.num_kv_heads, 64, args.head_dim, generator=gen) * 6).bfloat16()
-    v = torch.randn(3, args.num_kv_heads, 64, args.head_dim, generator=gen).bfloat16()
-    lens = torch.tensor([1, 50, 30])  # slot 0 idle; the two decodes sit in slots 2 and 1
-    hidden = torch.arange(50) >= lens[:, None]
-    bias = torch.zeros(3, 50, dtype=torch.bfloat16).masked_fill_(hidden, float("-inf"))[:, None, None, :]
-    batch = ForwardBatch(input_ids=torch.zeros(2, dtype=torch.long), positions=torch.zeros(2, dtype=torch.long),
-                         token_slots=torch.tensor([2, 1]), decode_slots=torch.tensor([2, 1]), decode_rows=3,
-                         decode_bias=bias, prefills=[], logits_indices=torch.tensor([0, 1]))
-
-    def exact(i: int, slot: int) -> torch.Tensor:  # float64 attention over the same bfloat16 inputs
-        keys = k[slot, :, : lens[slot]].double().repeat_interleave(group, 0)  # [heads, n, head_dim]
-        values = v[slot, :, : lens[slot]].double().repeat_interleave(group, 0)
-        scores = (q[i].double() * attn.scale).unsqueeze(1) @ keys.transpose(-1, -2)  # [heads, 1, n]
-        return (torch.softmax(scores, dim=-1) @ values).squeeze(1)
-
-    out = attn._decode_attention(q, batch, k, v).double()
-    # bfloat16 matmuls for the scores were off by up to 0.20 here; SDPA by 0.008.
-    torch.testing.assert_close(out, torch.stack([exact(0, 2), exact(1, 1)]), atol=0.03, rtol=0)

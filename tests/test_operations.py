@@ -80,8 +80,11 @@ async def test_metrics_show_the_engine_state(tiny_llama_dir, client, monkeypatch
         busy = await scrape(client, s)
         await asyncio.gather(*requests)
         idle = await scrape(client, s)
-    assert [value(busy, name) for name in STATE_GAUGES] == [4, 2, 1.0]
+    assert [value(busy, name) for name in STATE_GAUGES[:2]] == [4, 2]
+    total, free = (value(busy, "aserve:kv_cache_blocks", state=state) for state in ("total", "free"))
+    assert free < total and value(busy, STATE_GAUGES[2]) == pytest.approx((total - free) / total)
     assert [value(idle, name) for name in STATE_GAUGES] == [0, 0, 0]
+    assert value(idle, "aserve:kv_cache_blocks", state="free") == total
 
 
 STATE_GAUGES = ["aserve:num_requests_running", "aserve:num_requests_waiting", "aserve:kv_cache_usage_perc"]
@@ -283,7 +286,7 @@ async def test_a_request_past_its_timeout_ends_with_an_error(tiny_llama_dir, cli
             events = [e for e in (await resp.read()).decode().split("\n\n") if e.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
         assert json.loads(events[-2][len("data: "):])["error"]["code"] == "request_timeout"
-        await until(lambda: s.state.engine.stats()["kv_slots_free"] == s.state.engine.stats()["kv_slots_total"])
+        await until(lambda: s.state.engine.stats()["kv_blocks_free"] == s.state.engine.stats()["kv_blocks_total"])
 
 
 async def test_a_draining_server_refuses_new_requests_with_503(tiny_llama_dir, client):

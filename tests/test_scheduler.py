@@ -1,19 +1,17 @@
 """Scheduling decisions, tested without a model: the runner's part is played by hand."""
 
-import torch
-
-from aserve.engine.kv_cache import KVCache
+from aserve.engine.block_manager import BlockManager
 from aserve.engine.scheduler import Scheduler
 from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 
 EOS = 2
 
 
-def _scheduler(slots: int = 2, budget: int = 16, max_len: int = 64,
-               prefill_budget_while_decoding: int = 0) -> Scheduler:
-    shape = (1, slots, 1, max_len, 4)
-    kv = KVCache(torch.zeros(shape), torch.zeros(shape), prefix_caching=False)  # caching: test_kv_cache.py
-    return Scheduler(kv, budget, [EOS], prefill_budget_while_decoding=prefill_budget_while_decoding)
+def _scheduler(seqs: int = 2, budget: int = 16, max_len: int = 64, prefill_budget_while_decoding: int = 0,
+               blocks: int = 64, block_size: int = 4, prefix_caching: bool = False, **kwargs) -> Scheduler:
+    # Prefix caching off unless a test is about it (test_block_manager.py covers its bookkeeping).
+    return Scheduler(BlockManager(blocks, block_size, prefix_caching), seqs, budget, max_len, [EOS],
+                     prefill_budget_while_decoding=prefill_budget_while_decoding, **kwargs)
 
 
 def _seq(rid: str, prompt_len: int = 4, max_tokens: int = 10) -> Sequence:
@@ -43,8 +41,8 @@ def test_finished_sequence_leaves_and_frees_its_slot_in_the_same_step():
     s.add(b)
     _step(s)
     _step(s)
-    assert a.status == SequenceStatus.FINISHED_LENGTH and a.slot is None
-    assert s.running == [b] and s.kv_cache.num_free == 1
+    assert a.status == SequenceStatus.FINISHED_LENGTH and a.block_table == []
+    assert s.running == [b] and s.blocks.num_free == 64 - len(b.block_table)
 
 
 def test_eos_finishes_with_stop():
@@ -55,8 +53,8 @@ def test_eos_finishes_with_stop():
     assert a.finish_reason == "stop" and a.output_ids == [EOS]
 
 
-def test_requests_beyond_the_slots_wait_instead_of_being_rejected():
-    s = _scheduler(slots=2)
+def test_requests_beyond_max_num_seqs_wait_instead_of_being_rejected():
+    s = _scheduler(seqs=2)
     seqs = [_seq(str(i)) for i in range(3)]
     for q in seqs:
         s.add(q)
@@ -64,7 +62,7 @@ def test_requests_beyond_the_slots_wait_instead_of_being_rejected():
     assert [q.status for q in seqs] == [SequenceStatus.RUNNING, SequenceStatus.RUNNING, SequenceStatus.WAITING]
     s.remove(seqs[0], SequenceStatus.FINISHED_ABORTED)
     scheduled, _ = _step(s)
-    assert seqs[2] in [i.seq for i in scheduled] and seqs[2].slot == 0
+    assert seqs[2] in [i.seq for i in scheduled] and seqs[2].status == SequenceStatus.RUNNING
 
 
 def test_long_prompt_is_prefilled_in_chunks_while_decodes_go_on():
@@ -90,7 +88,7 @@ def test_aborted_sequence_is_skipped_by_postprocess():
     scheduled = s.schedule()
     s.remove(a, SequenceStatus.FINISHED_ABORTED)  # abort arrives while the step runs
     assert s.postprocess(scheduled, [5]) == []
-    assert a.output_ids == [] and s.kv_cache.num_free == 2
+    assert a.output_ids == [] and s.blocks.num_free == 64
 
 
 def test_context_limit_finishes_with_length():
@@ -112,13 +110,12 @@ def test_ignore_eos_generates_past_eos_until_max_tokens():
 
 
 def test_prefill_chunks_shrink_as_the_prompts_context_grows():
-    shape = (1, 2, 1, 512, 4)
     # One token attending over 64 cached positions costs as much as its matmuls.
-    s = Scheduler(KVCache(torch.zeros(shape), torch.zeros(shape)), 64, [EOS], attention_context_per_token=64)
+    s = _scheduler(budget=64, max_len=512, blocks=128, attention_context_per_token=64)
     long = _seq("long", prompt_len=300)
     s.add(long)
     chunks = []
-    while long.in_prefill:
+    while not long.output_ids:
         scheduled, _ = _step(s)
         start = long.num_computed - scheduled[0].num_tokens
         assert s.prefill_cost(start, scheduled[0].num_tokens) <= 64
@@ -128,9 +125,8 @@ def test_prefill_chunks_shrink_as_the_prompts_context_grows():
 
 
 def test_a_step_always_makes_prefill_progress_even_when_its_budget_is_spent():
-    shape = (1, 3, 1, 64, 4)
     # Attention so dear that one prompt token costs more than the budget the decodes leave.
-    s = Scheduler(KVCache(torch.zeros(shape), torch.zeros(shape)), 3, [EOS], attention_context_per_token=1)
+    s = _scheduler(seqs=3, budget=3, attention_context_per_token=1)
     a, b, c = _seq("a", prompt_len=1), _seq("b", prompt_len=1), _seq("c", prompt_len=3)
     s.add(a)
     s.add(b)
@@ -153,7 +149,7 @@ def test_attention_cost_per_token_follows_the_model_shape():
 
 
 def test_a_long_prompt_gets_only_the_capped_share_while_others_decode():
-    s = _scheduler(slots=2, budget=16, prefill_budget_while_decoding=4)
+    s = _scheduler(seqs=2, budget=16, prefill_budget_while_decoding=4)
     short = Sequence("short", [10, 11], SamplingParams(max_tokens=3, temperature=0))
     s.add(short)
     _step(s)
@@ -164,7 +160,7 @@ def test_a_long_prompt_gets_only_the_capped_share_while_others_decode():
 
 
 def test_a_short_prompt_is_not_capped_while_others_decode():
-    s = _scheduler(slots=2, budget=16, prefill_budget_while_decoding=4)
+    s = _scheduler(seqs=2, budget=16, prefill_budget_while_decoding=4)
     a, b = _seq("a", prompt_len=4), _seq("b", prompt_len=12)
     s.add(a)
     _step(s)
@@ -174,8 +170,7 @@ def test_a_short_prompt_is_not_capped_while_others_decode():
 
 
 def test_a_following_choice_waits_for_its_leaders_prompt_then_copies_it():
-    shape = (1, 3, 1, 64, 4)
-    s = Scheduler(KVCache(torch.zeros(shape), torch.zeros(shape)), budget := 4, [EOS])
+    s = _scheduler(seqs=3, budget=(budget := 4))
     leader = _seq("a", prompt_len=8)
     follower = Sequence("b", list(leader.prompt_ids), leader.params, wait_for=leader)
     other = Sequence("c", [90, 91], leader.params)  # nothing in common with the leader's prompt
@@ -188,7 +183,9 @@ def test_a_following_choice_waits_for_its_leaders_prompt_then_copies_it():
     assert [i.seq.request_id for i in scheduled] == ["a"] and follower in s.waiting
     scheduled, _ = _step(s)
     assert [(i.seq.request_id, i.num_tokens) for i in scheduled] == [("a", 1), ("b", 1), ("c", 2)]
-    assert follower.num_cached_prompt == 7  # all but the last prompt token, copied from the leader's slot
+    assert follower.num_cached_prompt == 7  # all but the last prompt token, taken from the leader's blocks
+    assert follower.block_table[0] == leader.block_table[0]  # its full block shared, with caching off
+    assert s.blocks.pending_copies == [(leader.block_table[1], follower.block_table[1], 3)]  # the partial one copied
 
 
 def test_stop_token_ids_finish_with_stop():
@@ -197,3 +194,92 @@ def test_stop_token_ids_finish_with_stop():
     s.add(seq)
     _step(s, token=7)
     assert seq.status == SequenceStatus.FINISHED_STOPPED
+
+
+def _run(s: Scheduler, steps: int) -> dict[str, list[int]]:
+    """Steps with distinct tokens (100, 101, ... per sequence); returns what each sequence emitted."""
+    emitted: dict[str, list[int]] = {}
+    for _ in range(steps):
+        scheduled = s.schedule()
+        tokens = [100 + len(i.seq.output_ids) if i.samples else None for i in scheduled]
+        for seq, token in s.postprocess(scheduled, tokens):
+            emitted.setdefault(seq.request_id, []).append(token)
+    return emitted
+
+
+def test_a_decode_without_a_free_block_preempts_the_most_recently_admitted():
+    s = _scheduler(seqs=4, blocks=4, block_size=4)
+    a, b = _seq("a", prompt_len=4, max_tokens=20), _seq("b", prompt_len=4, max_tokens=20)
+    s.add(a)
+    s.add(b)
+    _run(s, 5)  # both prompts in, then decodes up to position 7: the four blocks are all taken
+    assert s.blocks.num_free == 0 and len(a.output_ids) == len(b.output_ids) == 5
+    scheduled = s.schedule()  # a needs a third block for position 8
+    assert [i.seq for i in scheduled] == [a]
+    assert b.status == SequenceStatus.WAITING and s.waiting[0] is b and b.block_table == []
+    assert b.output_ids == [100, 101, 102, 103, 104] and s.num_preemptions == 1
+
+
+def test_a_preempted_sequence_resumes_without_a_lost_or_repeated_token():
+    s = _scheduler(seqs=4, blocks=4, block_size=4)
+    a, b = _seq("a", prompt_len=4, max_tokens=8), _seq("b", prompt_len=4, max_tokens=8)
+    s.add(a)
+    s.add(b)
+    emitted = _run(s, 30)
+    assert s.num_preemptions >= 1 and not s.has_work()
+    assert emitted == {"a": list(range(100, 108)), "b": list(range(100, 108))}
+    assert s.blocks.num_free == 4
+
+
+def test_a_preempted_sequence_recomputes_its_prompt_and_output_in_one_chunk():
+    s = _scheduler(seqs=4, blocks=4, block_size=4)
+    a, b = _seq("a", prompt_len=4, max_tokens=6), _seq("b", prompt_len=4, max_tokens=20)
+    s.add(a)
+    s.add(b)
+    _run(s, 6)  # b is preempted at the sixth step, in which a finishes and frees its blocks
+    assert b.status == SequenceStatus.WAITING and a.status.finished
+    scheduled = s.schedule()
+    # Re-admitted with its prompt and 5 outputs known: all 9 computed at once, and it samples its sixth.
+    assert [(i.seq, i.num_tokens, i.samples) for i in scheduled] == [(b, 9, True)]
+
+
+def test_a_prompt_waits_when_its_blocks_are_not_free():
+    s = _scheduler(seqs=4, blocks=4, block_size=4)
+    a, big = _seq("a", prompt_len=8, max_tokens=2), _seq("big", prompt_len=12)
+    s.add(a)
+    s.add(big)
+    scheduled = s.schedule()
+    assert [i.seq.request_id for i in scheduled] == ["a"] and big.status == SequenceStatus.WAITING
+    assert s.num_preemptions == 0  # waiting for blocks never takes them from a running sequence
+
+
+def test_first_come_first_served_when_the_head_of_the_queue_does_not_fit():
+    s = _scheduler(seqs=4, blocks=4, block_size=4)
+    a, big, small = _seq("a", prompt_len=8), _seq("big", prompt_len=12), _seq("small", prompt_len=2)
+    for q in (a, big, small):
+        s.add(q)
+    s.schedule()
+    assert small.status == SequenceStatus.WAITING  # it would fit, but may not overtake "big"
+
+
+def test_every_block_is_free_after_random_aborts_and_preemptions():
+    import random
+
+    rng = random.Random(0)
+    s = _scheduler(seqs=8, blocks=24, block_size=4, budget=32, prefix_caching=True)
+    seqs = []
+    for step in range(400):
+        if step < 300 and rng.random() < 0.3:
+            # Shared starts exercise shared blocks; lengths exercise partial blocks.
+            prompt = [7] * rng.choice([0, 4, 8]) + [rng.randrange(10, 50) for _ in range(rng.randrange(1, 12))]
+            seqs.append(Sequence(f"r{step}", prompt, SamplingParams(max_tokens=rng.randrange(1, 30))))
+            s.add(seqs[-1])
+        live = [q for q in seqs if not q.status.finished]
+        if live and rng.random() < 0.1:
+            s.remove(rng.choice(live), SequenceStatus.FINISHED_ABORTED)
+        _run(s, 1)
+        holders = [b for q in s.running for b in q.block_table]
+        assert all(count == holders.count(b) for b, count in enumerate(s.blocks.ref_counts)), step
+        assert s.blocks.num_free + len(set(holders)) == 24, step
+    assert not s.has_work() and s.num_preemptions > 0
+    assert s.blocks.num_free == 24 and not any(s.blocks.ref_counts)

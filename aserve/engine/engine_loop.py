@@ -43,6 +43,9 @@ class GenerationRequest:
     # Another request with the same prompt (an earlier choice of the same n>1 request) whose KV
     # this one copies once it is computed, instead of prefilling the prompt again.
     follows: str | None = None
+    # Mixed into the prefix cache's block names: requests with different salts never share
+    # keys/values (what changes the KV of the same tokens, or tenants that must not share).
+    cache_salt: str = ""
     arrival_time: float = field(default_factory=time.monotonic)
 
 
@@ -52,6 +55,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" / "length" on the last output, else None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int  # prompt tokens whose keys/values were found in the prefix cache
     # When asked for: one entry per shown token behind `text`, and, on the first output only,
     # one per prompt token (None for the first, which nothing predicts).
     logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -65,6 +69,7 @@ class _Event:
     finish_reason: str | None = None
     error: str | None = None
     error_code: str = "engine_error"
+    cached_tokens: int = 0
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: list[TokenLogprobs] | None = None  # for some prompt tokens: one prefill chunk's
 
@@ -110,7 +115,7 @@ class EngineLoop:
         self._streams[rid] = queue
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids, request.params.stop)
         self._incoming.put_nowait(request)
-        prompt_tokens, completion_tokens, done = len(request.prompt_ids), 0, False
+        prompt_tokens, completion_tokens, cached_tokens, done = len(request.prompt_ids), 0, 0, False
         prompt_logprobs: list[TokenLogprobs | None] | None = None
         if request.params.prompt_logprobs is not None:
             prompt_logprobs = [None]
@@ -129,6 +134,7 @@ class EngineLoop:
                         prompt_logprobs.extend(event.prompt_logprobs)
                         continue
                     completion_tokens += 1
+                    cached_tokens = event.cached_tokens
                     if event.is_text:
                         if event.logprobs is not None:
                             logprobs.append(event.logprobs)
@@ -149,12 +155,12 @@ class EngineLoop:
                 if done and self.observer is not None:
                     self.observer.on_finished(finish_reason, time.monotonic() - request.arrival_time)
                 if text or done or logprobs:
-                    yield RequestOutput(text, finish_reason, prompt_tokens, completion_tokens, logprobs,
-                                        prompt_logprobs)
+                    yield RequestOutput(text, finish_reason, prompt_tokens, completion_tokens, cached_tokens,
+                                        logprobs, prompt_logprobs)
                     prompt_logprobs = None
         finally:
             # Reached without a finish when the client went away (CancelledError in a
-            # handler, or the generator closed): free the request's slot.
+            # handler, or the generator closed): free its KV blocks.
             if not done:
                 self.abort(rid)
             self._streams.pop(rid, None)
@@ -172,16 +178,19 @@ class EngineLoop:
         for queue in self._streams.values():
             queue.put_nowait(_Event(error=reason, error_code=code))
 
-    def stats(self) -> dict[str, int]:
-        kv = self.scheduler.kv_cache
+    def stats(self) -> dict[str, int | float]:
+        blocks = self.scheduler.blocks
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting) + self._incoming.qsize(),
-            "kv_slots_total": kv.num_slots,
-            "kv_slots_free": kv.num_free,
-            "prefix_cache_tokens_reused": kv.cached_tokens_reused,
-            "prefix_pool_blocks_total": kv.pool.num_blocks if kv.pool is not None else 0,
-            "prefix_pool_blocks_cached": kv.pool.num_cached if kv.pool is not None else 0,
+            "kv_blocks_total": blocks.num_blocks,
+            "kv_blocks_free": blocks.num_free,
+            "kv_blocks_cached": blocks.num_cached,
+            "kv_block_size": blocks.block_size,
+            "prefix_cache_queries": blocks.queries,
+            "prefix_cache_hits": blocks.hits,
+            "prefix_cache_hit_rate": round(blocks.hits / blocks.queries, 4) if blocks.queries else 0.0,
+            "preemptions": self.scheduler.num_preemptions,
             "steps": self.steps,
         }
 
@@ -240,7 +249,7 @@ class EngineLoop:
                 return
         seq = Sequence(rid, list(request.prompt_ids), request.params, generator=generator, guide=request.guide,
                        wait_for=self._seqs.get(request.follows) if request.follows else None,
-                       arrival_time=request.arrival_time)
+                       cache_salt=request.cache_salt, arrival_time=request.arrival_time)
         self._seqs[rid] = seq
         self.scheduler.add(seq)
 
@@ -290,9 +299,10 @@ class EngineLoop:
         if (queue := self._streams.get(seq.request_id)) is not None:
             if self.max_buffered_tokens and queue.qsize() >= self.max_buffered_tokens:
                 # Its client stopped reading (a stalled or very slow connection): never wait for
-                # it, and never let it hold a KV slot and memory without bound.
+                # it, and never let it hold KV blocks and memory without bound.
                 self._fail(seq, f"the client did not read its stream: {queue.qsize()} tokens were waiting",
                            "client_too_slow")
                 return
             is_text = not (finish_reason == "stop" and self.scheduler.ends(seq, token))
-            queue.put_nowait(_Event(token, is_text, finish_reason, logprobs=logprobs))
+            queue.put_nowait(_Event(token, is_text, finish_reason, cached_tokens=seq.num_cached_prompt,
+                                    logprobs=logprobs))

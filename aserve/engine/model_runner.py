@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aserve.engine.block_manager import BlockManager
 from aserve.engine.kv_cache import KVCache
 from aserve.engine.sampler import TokenLogprobs, prompt_logprobs, sample
 from aserve.engine.scheduler import ScheduledSeq
@@ -27,10 +28,11 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device, seed: int | None = None,
-                 eos_token_ids: Collection[int] = ()) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, blocks: BlockManager, device: torch.device,
+                 seed: int | None = None, eos_token_ids: Collection[int] = ()) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        self.blocks = blocks  # its pending block copies run here, before each forward
         self.device = device
         self.eos_token_ids = tuple(eos_token_ids)  # masked while a sequence is short of min_tokens
         # Called with (scheduled, logits) after each forward: tests inject faults here (raise, or
@@ -45,7 +47,7 @@ class ModelRunner:
     def run(self, scheduled: Seq[ScheduledSeq]) -> StepOutput:
         # Grad mode is thread-local, so it must be set here, on the thread that runs the model.
         with torch.inference_mode():
-            self.kv_cache.apply_pending_copies()
+            self.kv_cache.copy_blocks(self.blocks.take_copies())
             batch, prompt_rows = self._build_batch(scheduled)
             logits = self.model(batch, self.kv_cache.k, self.kv_cache.v)
             if self.fault_hook is not None:
@@ -74,53 +76,77 @@ class ModelRunner:
 
     def _build_batch(self, scheduled: Seq[ScheduledSeq]) -> tuple[ForwardBatch, list[tuple[int, list[int]]]]:
         """Also returns, for each chunk that wants prompt logprobs, (its index, the prompt tokens
-        its positions predict); their logits rows follow the sampling rows, in that order."""
+        its positions predict); their logits rows follow the sampling rows, in that order.
+
+        Decodes and short chunks go first and attend through the paged attention op; longer
+        chunks follow, each attended densely (batch.py)."""
+        size = self.kv_cache.block_size
+        paged = [i for i, item in enumerate(scheduled) if _is_paged(item)]
+        dense = [i for i, item in enumerate(scheduled) if not _is_paged(item)]
         input_ids: list[int] = []
+        positions: list[int] = []
+        first_token: dict[int, int] = {}  # scheduled index -> index of its first token in the batch
+        block_tables: list[list[int]] = []
+        query_rows: list[int] = []
+        context_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        for index in paged + dense:
+            item = scheduled[index]
+            seq, start = item.seq, item.seq.num_computed
+            first_token[index] = len(input_ids)
+            input_ids.extend(seq.tokens(start, start + item.num_tokens))
+            positions.extend(range(start, start + item.num_tokens))
+            if _is_paged(item):
+                query_rows.extend([len(block_tables)] * item.num_tokens)
+                context_lens.extend(range(start + 1, start + item.num_tokens + 1))
+                block_tables.append(seq.block_table)
+            else:
+                table = seq.block_table[: -(-(start + item.num_tokens) // size)]
+                prefills.append(PrefillChunk(torch.tensor(table, dtype=torch.long).to(self.device, non_blocking=True),
+                                             start, item.num_tokens))
+        logits_indices: list[int] = []
         prompt_indices: list[int] = []
         prompt_rows: list[tuple[int, list[int]]] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_indices: list[int] = []
-        decode_slots: list[int] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
         for index, item in enumerate(scheduled):
-            seq, start = item.seq, item.seq.num_computed
-            span = range(start, start + item.num_tokens)
-            input_ids.extend(seq.tokens(span.start, span.stop))
-            positions.extend(span)
-            slots.extend([seq.slot] * item.num_tokens)
+            seq, start, first = item.seq, item.seq.num_computed, first_token[index]
             if item.samples:
-                logits_indices.append(len(input_ids) - 1)
-            if seq.params.prompt_logprobs is not None and seq.in_prefill:
-                # Position p predicts prompt token p + 1; the prompt's last position samples instead.
-                predicts = seq.prompt_ids[start + 1 : start + item.num_tokens + 1]
+                logits_indices.append(first + item.num_tokens - 1)
+            if seq.params.prompt_logprobs is not None:
+                # Position p predicts prompt token p + 1; the prompt's last position samples
+                # instead. Positions computed before a preemption already had theirs sent.
+                skip = max(seq.max_computed - start, 0)
+                predicts = seq.prompt_ids[start + skip + 1 : start + item.num_tokens + 1]
                 if predicts:
-                    first = len(input_ids) - item.num_tokens
-                    prompt_indices.extend(range(first, first + len(predicts)))
+                    prompt_indices.extend(range(first + skip, first + skip + len(predicts)))
                     prompt_rows.append((index, predicts))
-            if seq.in_prefill:
-                prefills.append(PrefillChunk(seq.slot, start, item.num_tokens))
-            else:
-                decode_slots.append(seq.slot)
-                decode_lens.append(start + 1)
-        decode_bias = None
-        decode_rows = max(decode_slots, default=-1) + 1
-        if decode_slots:
-            lens = torch.ones(decode_rows, dtype=torch.long)  # idle rows see position 0 only, to stay finite
-            lens[decode_slots] = torch.tensor(decode_lens)
-            hidden = torch.arange(max(decode_lens)).unsqueeze(0) >= lens.unsqueeze(1)
-            # In the cache's dtype, built once per step rather than cast in each layer.
-            bias = torch.zeros(hidden.shape, dtype=self.kv_cache.k.dtype).masked_fill_(hidden, float("-inf"))
-            decode_bias = bias[:, None, None, :]
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device, non_blocking=True)  # noqa: E731
+        width = max((len(t) for t in block_tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in block_tables]  # padding is never read
+        as_tensor = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype).to(self.device, non_blocking=True)  # noqa: E731
+        token_positions = torch.tensor(positions, dtype=torch.long)
+        token_blocks = [seq_blocks for index in paged + dense
+                        for seq_blocks in _token_blocks(scheduled[index], size)]
         return ForwardBatch(
             input_ids=as_tensor(input_ids),
-            positions=as_tensor(positions),
-            token_slots=as_tensor(slots),
-            decode_slots=as_tensor(decode_slots),
-            decode_rows=decode_rows,
-            decode_bias=None if decode_bias is None else decode_bias.to(self.device, non_blocking=True),
+            positions=token_positions.to(self.device, non_blocking=True),
+            token_blocks=as_tensor(token_blocks),
+            token_offsets=(token_positions % size).to(self.device, non_blocking=True),
+            block_tables=as_tensor(padded, torch.int32).view(len(padded), width),
+            query_rows=as_tensor(query_rows, torch.int32),
+            context_lens=as_tensor(context_lens, torch.int32),
             prefills=prefills,
             logits_indices=as_tensor(logits_indices + prompt_indices),
         ), prompt_rows
+
+
+# A prefill chunk this short, with keys already cached before it, attends through the paged
+# op like decodes do: gathering its whole context for SDPA would copy more than it computes.
+PAGED_CHUNK_MAX = 32
+
+
+def _is_paged(item: ScheduledSeq) -> bool:
+    return item.num_tokens == 1 or (item.seq.num_computed > 0 and item.num_tokens <= PAGED_CHUNK_MAX)
+
+
+def _token_blocks(item: ScheduledSeq, block_size: int) -> list[int]:
+    table, start = item.seq.block_table, item.seq.num_computed
+    return [table[p // block_size] for p in range(start, start + item.num_tokens)]

@@ -7,8 +7,15 @@ a long prompt attends over everything before it, so it costs more, and chunks sh
 prompt's context grows. A long prompt (more uncached tokens than one step's budget) can be
 held to a smaller share while other streams decode (`prefill_budget_while_decoding`): the
 running streams then see many short stalls instead of a few long ones, and the long prompt
-waits longer for its first token. A waiting request is admitted only when a KV slot
-is free: when the cache is full it waits; nobody is rejected or evicted.
+waits longer for its first token.
+
+Memory is paged (block_manager.py). A waiting request is admitted, first come first served,
+while fewer than `max_num_seqs` run and the free blocks hold its prompt; otherwise it waits
+and nobody is rejected. A decode that crosses into a new block when none is free preempts the
+most recently admitted running sequence (vLLM v1's policy): its blocks are freed and it goes
+back to the head of the queue, to be recomputed, prompt and output so far, when blocks free
+up. Its full blocks stay named in the prefix cache, so the recompute is often a cache hit.
+Nothing it already streamed is sent again or changed: the recompute only yields the next token.
 """
 
 import math
@@ -16,7 +23,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from aserve.engine.kv_cache import KVCache
+from aserve.engine.block_manager import BlockManager
 from aserve.engine.sequence import Sequence, SequenceStatus
 
 
@@ -32,19 +39,26 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, kv_cache: KVCache, max_num_batched_tokens: int, eos_token_ids: Iterable[int],
-                 attention_context_per_token: float = math.inf, prefill_budget_while_decoding: int = 0) -> None:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 eos_token_ids: Iterable[int], attention_context_per_token: float = math.inf,
+                 prefill_budget_while_decoding: int = 0) -> None:
         """`attention_context_per_token`: cached positions whose attention costs as much as one
         token's matmuls (ModelArgs.attention_context_per_token); inf counts tokens only.
         `prefill_budget_while_decoding`: prefill work per step (same units) for a long prompt
         while any sequence decodes; 0: no cap beyond the step budget."""
-        self.kv_cache = kv_cache
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.prefill_budget_while_decoding = prefill_budget_while_decoding
         self._attention_weight = 1.0 / attention_context_per_token
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order: the last is preempted first
+        self.num_preemptions = 0
+        # Admission next to running sequences leaves this many blocks free for them to grow
+        # into: a prompt that took the last free block would only get somebody preempted soon.
+        self.watermark = blocks.num_blocks // 100
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -53,17 +67,19 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def remove(self, seq: Sequence, status: SequenceStatus) -> None:
-        """Takes a sequence out (finished, aborted or failed) and frees its slot at once."""
+        """Takes a sequence out (finished, aborted or failed) and frees its blocks at once."""
         seq.status = status
         if seq in self.waiting:
             self.waiting.remove(seq)
         elif seq in self.running:
             self.running.remove(seq)
-            self.kv_cache.free_slot(seq.slot, seq.tokens(0, seq.num_computed))
-            seq.slot = None
+            self.blocks.free(seq)
 
     def schedule(self) -> list[ScheduledSeq]:
-        decodes = [ScheduledSeq(s, 1) for s in self.running if not s.in_prefill]
+        decodes = []
+        for seq in list(self.running):
+            if seq.status == SequenceStatus.RUNNING and not seq.in_prefill and self._grow(seq):
+                decodes.append(ScheduledSeq(seq, 1))
         budget = float(self.max_num_batched_tokens - len(decodes))
         prefills: list[ScheduledSeq] = []
         decoding = bool(decodes)
@@ -72,31 +88,52 @@ class Scheduler:
                 prefills.append(chunk)
                 budget -= self.prefill_cost(seq.num_computed, chunk.num_tokens)
         for seq in list(self.waiting):
-            if budget <= 0 or not self.kv_cache.num_free:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             if seq.waits:  # a later choice of an n>1 request: its prompt's KV is on the way
                 continue
-            self.waiting.remove(seq)
-            self._admit(seq)
+            if not self._admit(seq):
+                break  # first come, first served: nobody overtakes a prompt that does not fit yet
             if not (chunk := self._prefill_chunk(seq, budget, not prefills, decoding)):
                 break  # admitted: it prefills from the next step on
             prefills.append(chunk)
             budget -= self.prefill_cost(seq.num_computed, chunk.num_tokens)
         return decodes + prefills
 
-    def _admit(self, seq: Sequence) -> Sequence:
-        in_use = ((s.slot, s.tokens(0, s.num_computed)) for s in self.running if s.num_computed)
-        # Prompt logprobs need every prompt position computed, except for a later choice of an
-        # n>1 request: its prompt's logprobs are its leader's, so it copies the leader's KV.
-        reuse = seq.params.prompt_logprobs is None
-        leader = seq.wait_for
-        shared = (leader.slot, leader.tokens(0, leader.num_computed)) if (
-            leader is not None and not leader.status.finished and leader.num_computed) else None
-        seq.slot, seq.num_computed = self.kv_cache.take_slot(seq.prompt_ids, in_use, reuse, shared)
-        seq.num_cached_prompt = seq.num_computed
+    def _grow(self, seq: Sequence) -> bool:
+        """Blocks for `seq`'s next token, preempting the most recently admitted sequences until
+        there are; False when `seq` itself had to go."""
+        while not self.blocks.reserve(seq, seq.num_computed + 1):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Frees a running sequence's blocks and puts it at the head of the queue."""
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit(self, seq: Sequence) -> bool:
+        # Prompt logprobs need every prompt position computed, unless they were all sent before a
+        # preemption. A later choice of an n>1 request takes its leader's prompt KV instead (its
+        # prompt's logprobs are its leader's).
+        reuse = seq.params.prompt_logprobs is None or seq.max_computed >= len(seq.prompt_ids)
+        if not self.blocks.allocate(seq, reuse, seq.leader, self.watermark if self.running else 0):
+            return False
+        if seq.num_preemptions == 0:
+            seq.num_cached_prompt = seq.num_computed
+        seq.wait_for = None  # from now on its tokens are its own
+        self.waiting.remove(seq)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
-        return seq
+        return True
 
     def prefill_cost(self, start: int, num_tokens: int) -> float:
         """A chunk's work in units of one token's matmuls: each token also attends over the
@@ -105,14 +142,14 @@ class Scheduler:
 
     def _prefill_chunk(self, seq: Sequence, budget: float, first: bool, decoding: bool) -> ScheduledSeq | None:
         cap = self.prefill_budget_while_decoding
-        if cap and decoding and len(seq.prompt_ids) - seq.num_cached_prompt > self.max_num_batched_tokens:
+        if cap and decoding and seq.num_tokens - seq.num_computed > self.max_num_batched_tokens:
             budget = min(budget, float(cap))
         # The largest n with prefill_cost(start, n) <= budget: a n^2 + b n - budget <= 0.
         a, b = self._attention_weight, 1.0 + seq.num_computed * self._attention_weight
         n = budget / b if a == 0 else (math.sqrt(max(b * b + 4 * a * budget, 0.0)) - b) / (2 * a)
         # The step's first chunk always makes progress, even when decodes used the budget up.
         n = max(int(n), 1 if first else 0)
-        n = min(n, len(seq.prompt_ids) - seq.num_computed)
+        n = min(n, seq.num_tokens - seq.num_computed)
         return ScheduledSeq(seq, n) if n > 0 else None
 
     def ends(self, seq: Sequence, token: int) -> bool:
@@ -121,19 +158,21 @@ class Scheduler:
 
     def postprocess(self, scheduled: list[ScheduledSeq], tokens: list[int | None]) -> list[tuple[Sequence, int]]:
         """Records the step's results; returns (sequence, new token) pairs. Finished sequences
-        leave the batch here, so their slots are free for the very next step."""
+        leave the batch here, so their blocks are free for the very next step."""
         new_tokens = []
         for item, token in zip(scheduled, tokens):
             seq = item.seq
             if seq.status.finished:  # aborted while the step ran
                 continue
             seq.num_computed += item.num_tokens
+            seq.max_computed = max(seq.max_computed, seq.num_computed)
+            self.blocks.on_computed(seq)
             if token is None:
                 continue
             seq.output_ids.append(token)
             new_tokens.append((seq, token))
             if self.ends(seq, token):
                 self.remove(seq, SequenceStatus.FINISHED_STOPPED)
-            elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.kv_cache.max_len:
+            elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
                 self.remove(seq, SequenceStatus.FINISHED_LENGTH)
         return new_tokens

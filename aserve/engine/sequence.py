@@ -61,9 +61,16 @@ class Sequence:
     params: SamplingParams
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    slot: int | None = None  # KV-cache row, held from admission until the sequence leaves
+    # KV-cache blocks holding positions [0, len * block_size), from admission until the
+    # sequence leaves or is preempted (block_manager.py)
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # names of its full blocks, as computed so far
+    num_named_blocks: int = 0  # leading blocks of block_table already named for prefix caching
+    cache_salt: str = ""  # mixed into block names: requests with different salts never share KV
     num_computed: int = 0  # tokens whose keys/values are in the cache
-    num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at admission
+    max_computed: int = 0  # the most tokens ever computed: a preempted sequence recomputes up to here
+    num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at (first) admission
+    num_preemptions: int = 0
     # A per-request generator makes a seeded request reproducible whatever else is in the batch.
     generator: torch.Generator | None = None
     guide: Any = None  # a guided.Guide that constrains sampling (response_format), advanced per token
@@ -81,7 +88,9 @@ class Sequence:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+        """More than one known token is not computed yet (a prompt, or a preempted sequence's
+        prompt and output): the next step computes a chunk. Otherwise it decodes one token."""
+        return self.num_computed < self.num_tokens - 1
 
     def tokens(self, start: int, end: int) -> list[int]:
         """Token ids at positions [start, end) of prompt + output, as one slice."""
@@ -91,9 +100,18 @@ class Sequence:
         return self.prompt_ids[start:] + self.output_ids[max(start - n, 0) : end - n]
 
     @property
-    def waits(self) -> bool:
+    def leader(self) -> "Sequence | None":
+        """The n>1 leader whose computed prompt this sequence can take now, if any."""
         leader = self.wait_for
-        return leader is not None and not leader.status.finished and leader.in_prefill
+        if leader is not None and leader.status == SequenceStatus.RUNNING and leader.num_computed >= self.num_tokens - 1:
+            return leader
+        return None
+
+    @property
+    def waits(self) -> bool:
+        """Its leader is still computing the prompt (or was preempted and will again)."""
+        leader = self.wait_for
+        return leader is not None and not leader.status.finished and self.leader is None
 
     @property
     def finish_reason(self) -> str | None:

@@ -1,10 +1,11 @@
 """The contract between the model runner and the model: which tokens one forward processes.
 
-One forward handles a flat list of T tokens from many sequences. The first D tokens are
-decodes (one new token per running sequence); the rest are prefill chunks, one contiguous
-run of prompt tokens per sequence. Every sequence owns one KV-cache slot (a row of the
-cache), so the model writes each token's key/value at (slot, position) and never moves
-another sequence's cache.
+One forward handles a flat list of T tokens from many sequences. Each token's key/value is
+written at its position's place in the paged KV cache: block `token_blocks[t]`, offset
+`token_offsets[t]` (see engine/block_manager.py). The first P tokens, decodes and short
+prefill chunks, then attend through the paged attention op, each over its own sequence's
+block table up to its own position. The rest are longer prefill chunks, one contiguous run of
+prompt tokens per sequence, each attended with SDPA over its sequence's gathered blocks.
 """
 
 from dataclasses import dataclass
@@ -14,23 +15,23 @@ import torch
 
 @dataclass(slots=True)
 class PrefillChunk:
-    slot: int
+    blocks: torch.Tensor  # the sequence's blocks holding positions [0, start + length)
     start: int  # position of the chunk's first token; earlier positions are already cached
     length: int
 
 
 @dataclass(slots=True)
 class ForwardBatch:
-    input_ids: torch.Tensor  # [T] decode tokens first, then prefill chunks in order
+    input_ids: torch.Tensor  # [T] paged tokens first, then dense prefill chunks in order
     positions: torch.Tensor  # [T]
-    token_slots: torch.Tensor  # [T] cache slot of each token
-    decode_slots: torch.Tensor  # [D] cache slot of each decode token
-    decode_rows: int  # decodes attend over cache rows [0, decode_rows): max decode slot + 1
-    # [decode_rows, 1, 1, context_len] in the cache's dtype: 0 at the cached positions each row sees, -inf elsewhere
-    decode_bias: torch.Tensor | None
+    token_blocks: torch.Tensor  # [T] the cache block each token's key/value goes to
+    token_offsets: torch.Tensor  # [T] and its offset in that block
+    block_tables: torch.Tensor  # int32 [R, max blocks]: block tables of the paged tokens' sequences
+    query_rows: torch.Tensor  # int32 [P]: each paged token's row in block_tables
+    context_lens: torch.Tensor  # int32 [P]: each paged token attends over positions [0, context_len)
     prefills: list[PrefillChunk]
     logits_indices: torch.Tensor  # [B] which of the T tokens need next-token logits
 
     @property
-    def num_decodes(self) -> int:
-        return self.decode_slots.numel()
+    def num_paged(self) -> int:
+        return self.query_rows.numel()

@@ -1,6 +1,6 @@
 """A Llama-family decoder (Llama, Mistral, SmolLM, Qwen2/2.5, Qwen3) in plain PyTorch.
 
-The forward runs over the engine's slot KV cache (see batch.py) instead of transformers'
+The forward runs over the engine's paged KV cache (see batch.py) instead of transformers'
 per-call caches, so sequences can join and leave a running batch without any copying.
 Q/K/V and gate/up projections are fused into one matmul each, as gpt-fast does.
 """
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aserve.models.batch import ForwardBatch
+from aserve.models.paged_attention import paged_attention
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,56 +91,42 @@ class Attention(nn.Module):
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # k_cache: [slots, kv_heads, max_len, head_dim]; write each token at (its slot, its position).
-        k_cache[batch.token_slots, :, batch.positions] = k
-        v_cache[batch.token_slots, :, batch.positions] = v
+        # k_cache: [blocks, kv_heads, block_size, head_dim]; each token goes to its position's place.
+        k_cache[batch.token_blocks, :, batch.token_offsets] = k
+        v_cache[batch.token_blocks, :, batch.token_offsets] = v
 
         out = torch.empty_like(q)
-        D = batch.num_decodes
-        if D:
-            out[:D] = self._decode_attention(q[:D], batch, k_cache, v_cache)
-        offset = D
+        P = batch.num_paged
+        if P:
+            out[:P] = paged_attention(q[:P], k_cache, v_cache, batch.block_tables, batch.query_rows,
+                                      batch.context_lens, self.scale)
+        offset = P
         for chunk in batch.prefills:
             end = chunk.start + chunk.length
-            qp = q[offset : offset + chunk.length].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
-            kp = k_cache[chunk.slot : chunk.slot + 1, :, :end]
-            vp = v_cache[chunk.slot : chunk.slot + 1, :, :end]
+            rows = slice(offset, offset + chunk.length)
+            qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
             if chunk.start == 0:
+                # Nothing cached before it: attend over the chunk's own keys/values, no gather.
+                kp, vp = k[rows].transpose(0, 1).unsqueeze(0), v[rows].transpose(0, 1).unsqueeze(0)
                 op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=True)
             else:
-                # A later chunk of a long prompt: token i sees every cached position up to start + i.
-                rows = torch.arange(chunk.length, device=x.device).unsqueeze(1) + chunk.start
-                mask = torch.arange(end, device=x.device).unsqueeze(0) <= rows
+                # A later chunk of a long prompt: its sequence's blocks, gathered into one
+                # contiguous run (a copy of the context, cheap next to n tokens attending over it);
+                # token i sees every cached position up to start + i.
+                kp, vp = (_gather(cache, chunk.blocks, end) for cache in (k_cache, v_cache))
+                rows_pos = torch.arange(chunk.length, device=x.device).unsqueeze(1) + chunk.start
+                mask = torch.arange(end, device=x.device).unsqueeze(0) <= rows_pos
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            out[offset : offset + chunk.length] = op[0].transpose(0, 1)
+            out[rows] = op[0].transpose(0, 1)
             offset += chunk.length
         return self.o_proj(out.view(T, -1))
 
-    def _decode_attention(self, q: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor,
-                          v_cache: torch.Tensor) -> torch.Tensor:
-        """All decodes of the step in two batched matmuls over a *view* of cache rows
-        [0, decode_rows): no gather copy of anyone's cache. Rows of idle slots carry zero
-        queries whose output is dropped. Grouped-query heads are folded into the query
-        dimension, so each cached key and value is read once for its whole head group:
-        1.5x faster than SDPA's q_len=1 path on CPU, where decode attention is bound by
-        reading the cache. Below float32 (bfloat16 on CUDA), SDPA takes the same folded
-        layout (no enable_gqa, which would rule out its masked kernels): its kernels keep the
-        scores in float32, where a bfloat16 matmul rounds them first (25x the error against
-        float64 in tests/test_model.py)."""
-        a = self.args
-        rows, ctx = batch.decode_rows, batch.decode_bias.shape[-1]
-        group = a.num_heads // a.num_kv_heads
-        qd = q.new_zeros(rows, a.num_kv_heads, group, a.head_dim)
-        # HF's GQA layout: query head h reads kv head h // group.
-        qd[batch.decode_slots] = q.view(-1, a.num_kv_heads, group, a.head_dim)
-        keys, values = k_cache[:rows, :, :ctx], v_cache[:rows, :, :ctx]
-        if q.dtype == torch.float32:
-            scores = torch.matmul(qd * self.scale, keys.transpose(-1, -2))  # [rows, kv_heads, group, ctx]
-            out = torch.matmul(torch.softmax(scores + batch.decode_bias, dim=-1), values)
-        else:
-            out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_bias,
-                                                 scale=self.scale)
-        return out[batch.decode_slots].view(-1, a.num_heads, a.head_dim)
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """[1, kv_heads, length, head_dim]: positions [0, length) of a sequence held in `blocks`."""
+    kv_heads, head_dim = cache.shape[1], cache.shape[3]
+    gathered = torch.index_select(cache.transpose(0, 1), 1, blocks)  # [kv_heads, n blocks, block_size, hd], contiguous
+    return gathered.view(kv_heads, -1, head_dim)[:, :length].unsqueeze(0)
 
 
 class MLP(nn.Module):

@@ -179,4 +179,5 @@ def _has_calls(deltas: list[dict]) -> bool:
 
 def _usage(choices: list[generation.Choice]) -> dict:
     # The prompt is counted once, however many choices share it (as OpenAI counts it).
-    return responses.usage(choices[0].prompt_tokens, sum(c.completion_tokens for c in choices))
+    return responses.usage(choices[0].prompt_tokens, sum(c.completion_tokens for c in choices),
+                           choices[0].cached_tokens)

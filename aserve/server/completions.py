@@ -130,5 +130,6 @@ class _Reply:
 
 
 def _usage(choices: list[generation.Choice], n: int) -> dict:
-    prompt_tokens = sum(c.prompt_tokens for c in choices[::n])  # each prompt once, however many choices
-    return responses.usage(prompt_tokens, sum(c.completion_tokens for c in choices))
+    leaders = choices[::n]  # each prompt once, however many choices
+    return responses.usage(sum(c.prompt_tokens for c in leaders), sum(c.completion_tokens for c in choices),
+                           sum(c.cached_tokens for c in leaders))

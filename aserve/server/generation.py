@@ -82,6 +82,7 @@ class Choice:
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
@@ -93,6 +94,7 @@ class Choice:
             self.prompt_logprobs = out.prompt_logprobs
         self.finish_reason = out.finish_reason
         self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
+        self.cached_tokens = out.cached_tokens
 
 
 def start(state: ServingState, rid: str, prompts: Sequence[list[int]], params: SamplingParams, n: int,

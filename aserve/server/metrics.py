@@ -22,8 +22,18 @@ class Metrics:
         self.registry = CollectorRegistry()
         labels = {"labelnames": ["model_name"], "registry": self.registry}
         self.running = Gauge("aserve:num_requests_running", "Requests in the running batch", **labels)
-        self.waiting = Gauge("aserve:num_requests_waiting", "Requests queued for a KV slot", **labels)
-        self.kv_usage = Gauge("aserve:kv_cache_usage_perc", "Fraction of KV-cache slots in use (0-1)", **labels)
+        self.waiting = Gauge("aserve:num_requests_waiting", "Requests queued for admission", **labels)
+        self.kv_usage = Gauge("aserve:kv_cache_usage_perc", "Fraction of KV-cache blocks referenced by requests (0-1)",
+                              **labels)
+        self.kv_blocks = Gauge("aserve:kv_cache_blocks", "KV-cache blocks: total, free (unreferenced, cached ones "
+                               "included) and cached (holding a named prefix)",
+                               labelnames=["model_name", "state"], registry=self.registry)
+        # Counted by the engine, copied in at scrape time (see render).
+        self.prefix_queries = Counter("aserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      **labels)
+        self.prefix_hits = Counter("aserve:prefix_cache_hits", "Prompt tokens found in the prefix cache", **labels)
+        self.preemptions = Counter("aserve:num_preemptions", "Sequences preempted for want of KV blocks", **labels)
+        self._engine_counts: dict[str, int] = {}
         self.prompt_tokens = Counter("aserve:prompt_tokens", "Prompt tokens admitted", **labels)
         self.generation_tokens = Counter("aserve:generation_tokens", "Tokens generated", **labels)
         self.success = Counter("aserve:request_success", "Requests that finished, by finish reason",
@@ -73,6 +83,12 @@ class Metrics:
     def render(self, stats: dict[str, int]) -> bytes:
         self.running.labels(self._model).set(stats["running"])
         self.waiting.labels(self._model).set(stats["waiting"])
-        total = stats["kv_slots_total"]
-        self.kv_usage.labels(self._model).set((total - stats["kv_slots_free"]) / total if total else 0.0)
+        total = stats["kv_blocks_total"]
+        self.kv_usage.labels(self._model).set((total - stats["kv_blocks_free"]) / total if total else 0.0)
+        for state in ("total", "free", "cached"):
+            self.kv_blocks.labels(self._model, state).set(stats[f"kv_blocks_{state}"])
+        for counter, key in ((self.prefix_queries, "prefix_cache_queries"), (self.prefix_hits, "prefix_cache_hits"),
+                             (self.preemptions, "preemptions")):
+            counter.labels(self._model).inc(max(stats[key] - self._engine_counts.get(key, 0), 0))
+            self._engine_counts[key] = stats[key]
         return generate_latest(self.registry)

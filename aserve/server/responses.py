@@ -2,11 +2,13 @@
 
 from typing import Any
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        # As OpenAI reports it: prompt tokens whose keys/values came from the prefix cache.
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 

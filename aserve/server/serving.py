@@ -137,15 +137,15 @@ class ServingState:
     @contextmanager
     def admit(self, sequences: int, request_id: str, response_id: str | None = None) -> Iterator[RequestRecord]:
         """Holds `sequences` places for a request's lifetime, or refuses it with a 503 at once
-        when more than max_waiting_requests would be waiting for a KV slot: queuing without
+        when more than max_waiting_requests would be waiting to run: queuing without
         bound only turns overload into timeouts. Counted here, when the handler commits to
         the request, because the engine sees a request only once its stream is first read.
         Yields the request's record, logged as one JSON line at the end (log_requests_json)."""
         if self.draining:
             raise APIError("the server is shutting down", status=503, code="shutting_down")
         limit = self.settings.max_waiting_requests
-        # Every sequence past the KV slots waits for one, whether or not the engine has seen it yet.
-        if self.in_flight + sequences - self.engine.scheduler.kv_cache.num_slots > limit:
+        # Every sequence past max_num_seqs waits for a place, whether or not the engine has seen it yet.
+        if self.in_flight + sequences - self.engine.scheduler.max_num_seqs > limit:
             raise APIError(f"the server is busy: {limit} requests are already waiting; retry later",
                            status=503, code="server_busy", headers={"Retry-After": "1"})
         self.in_flight += sequences
