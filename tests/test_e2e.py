@@ -577,14 +577,14 @@ async def test_the_default_server_serves_the_models_whole_context(http: aiohttp.
     try:
         async with asyncio.timeout(120):
             sentence = "The lighthouse keeper wrote down the weather every morning. "
-            long_text = sentence * 340  # ~4,000 tokens
+            long_text = sentence * 400  # 10 tokens each: ~4,000 tokens
             async with http.post(server.url + "/v1/completions",
                                  json={"prompt": long_text, "max_tokens": 4, "temperature": 0}) as resp:
                 body = await resp.json()
             assert resp.status == 200, body
             assert 3900 <= body["usage"]["prompt_tokens"] <= 8192 - 4 and body["choices"][0]["text"]
             async with http.post(server.url + "/v1/completions",
-                                 json={"prompt": sentence * 850, "max_tokens": 4}) as resp:
+                                 json={"prompt": sentence * 1000, "max_tokens": 4}) as resp:
                 error = (await resp.json())["error"]
             assert resp.status == 400 and "8192" in error["message"], error
             assert error["code"] == "context_length_exceeded"
