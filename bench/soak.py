@@ -198,7 +198,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, rng: random.Rand
 
 
 async def wait_until_idle(session: aiohttp.ClientSession, url: str, seconds: float) -> tuple[dict[str, Any], bool]:
-    """Polls /health until every KV slot is free and nothing runs or waits (drops take effect at the
+    """Polls /health until every KV block is free and nothing runs or waits (drops take effect at the
     engine's next step); returns the last /health body and whether that happened within `seconds`."""
     deadline, health = time.monotonic() + seconds, {}
     while time.monotonic() < deadline:
@@ -217,7 +217,7 @@ async def soak(args: argparse.Namespace, url: str, pid: int | None) -> Report:
     tally, rng = Tally(), random.Random(args.seed)
     connector = aiohttp.TCPConnector(limit=0, force_close=True)  # a dropped request really closes its socket
     async with aiohttp.ClientSession(connector=connector) as session:
-        concurrency = args.concurrency or (await get_health(session, url))[1]["kv_blocks_total"]
+        concurrency = args.concurrency or (await get_health(session, url))[1]["max_num_seqs"]
         rss_start, t0 = rss(pid), time.monotonic()
         print(f"soak: {url} (pid {pid}), concurrency {concurrency}, {args.minutes:g} min", file=sys.stderr)
 
@@ -272,7 +272,7 @@ def main() -> int:
     p.add_argument("--serve-args", default="", help="extra `aserve serve` arguments (write --serve-args=\"...\")")
     p.add_argument("--server-log", type=Path, default=Path("bench/results/soak-server.log"))
     p.add_argument("--minutes", type=float, default=10.0)
-    p.add_argument("--concurrency", type=int, default=0, help="default: /health kv_blocks_total (max_num_seqs)")
+    p.add_argument("--concurrency", type=int, default=0, help="default: /health max_num_seqs")
     p.add_argument("--max-requests", type=int, default=100_000, help="send at most this many")
     p.add_argument("--max-tokens", type=int, default=128, help="each request draws max_tokens from [8, this]")
     p.add_argument("--cancel-fraction", type=float, default=0.2)

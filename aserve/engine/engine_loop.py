@@ -183,6 +183,7 @@ class EngineLoop:
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting) + self._incoming.qsize(),
+            "max_num_seqs": self.scheduler.max_num_seqs,
             "kv_blocks_total": blocks.num_blocks,
             "kv_blocks_free": blocks.num_free,
             "kv_blocks_cached": blocks.num_cached,
