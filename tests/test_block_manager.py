@@ -77,9 +77,9 @@ def test_eviction_takes_the_least_recently_freed_and_a_prefix_tail_before_its_he
     bm = BlockManager(5, 2)
     old = _computed(bm, [1, 2, 3, 4, 0], "old")  # blocks 0 [1,2] and 1 [3,4] named, block 2 unnamed
     assert old.block_table == [0, 1, 2]
-    bm.free(old)  # free order now: 3, 4 (never used), then old's blocks last to first: 2, 1, 0
+    bm.free(old)  # free order now: 2 (unnamed: no use keeping it), 3, 4, then old's named blocks last to first: 1, 0
     taker = _seq([50, 51, 52, 53, 54, 55, 56, 57])
-    assert bm.allocate(taker, reuse=False) and taker.block_table == [3, 4, 2, 1]
+    assert bm.allocate(taker, reuse=False) and taker.block_table == [2, 3, 4, 1]
     assert bm.names[0] is not None and bm.names[1] is None  # the head outlived the tail
     bm.free(taker)
     again = _seq([1, 2, 3, 4, 9])
@@ -157,3 +157,23 @@ def test_memory_amounts_parse(text, expected):
 def test_malformed_memory_amounts_are_refused(text):
     with pytest.raises(ValueError, match="not an amount of memory"):
         parse_bytes(text)
+
+
+def test_an_unnamed_freed_block_is_handed_out_before_named_ones():
+    bm = BlockManager(3, 2)
+    named = _computed(bm, [1, 2, 3])  # block 0 named [1, 2]; block 1 holds a partial block
+    other = _seq([5])
+    assert bm.allocate(other) and other.block_table == [2]
+    bm.free(named)
+    bm.free(other)  # freed last, but unnamed
+    assert bm.allocate(_seq([7, 8, 9]), reuse=False)  # takes two blocks
+    assert bm.names[0] is not None  # the unnamed blocks 2 and 1 went first
+
+
+def test_a_preempted_sequence_finding_its_own_blocks_is_not_counted_as_a_hit():
+    bm = BlockManager(8, 4)
+    seq = _computed(bm, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    bm.free(seq)
+    seq.num_preemptions = 1
+    assert bm.allocate(seq) and seq.num_computed == 8
+    assert (bm.queries, bm.hits) == (9, 0)

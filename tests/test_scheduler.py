@@ -283,3 +283,15 @@ def test_every_block_is_free_after_random_aborts_and_preemptions():
         assert s.blocks.num_free + len(set(holders)) == 24, step
     assert not s.has_work() and s.num_preemptions > 0
     assert s.blocks.num_free == 24 and not any(s.blocks.ref_counts)
+
+
+def test_a_preempted_stream_resuming_is_not_held_to_the_long_prompt_cap():
+    s = _scheduler(seqs=2, budget=16, prefill_budget_while_decoding=4, blocks=64)
+    other, resumed = _seq("other", prompt_len=2, max_tokens=50), _seq("resumed", prompt_len=30)
+    s.add(other)
+    _step(s)
+    resumed.output_ids = [5]  # preempted after its first token: 31 tokens to recompute, > the budget
+    resumed.num_preemptions = 1
+    s.waiting.appendleft(resumed)
+    scheduled, _ = _step(s)
+    assert [(i.seq.request_id, i.num_tokens) for i in scheduled] == [("other", 1), ("resumed", 15)]

@@ -11,8 +11,9 @@ anything that changes the keys/values of the same tokens (a LoRA adapter, say). 
 sequence whose leading blocks are already named takes those very blocks by reference: a
 system prompt used by 32 live chats is stored once. Blocks are reference-counted; a block
 nobody references goes to the free list but keeps its name, so a later prompt can still hit
-it, until the block is handed out again: eviction is least recently freed first. A sequence
-frees its blocks last to first, so a prefix's tail is evicted before its head.
+it, until the block is handed out again: eviction is least recently freed first, after the
+unnamed blocks. A sequence frees its blocks last to first, so a prefix's tail is evicted
+before its head.
 
 The hash is BLAKE2b, not Python's hash(): a crafted prompt must not be able to collide with
 another user's prefix and read its cached keys/values (vLLM's CVE-2025-25183).
@@ -46,7 +47,8 @@ class BlockManager:
     # Per block id (plain lists: a tiny model's default budget is a quarter of a million blocks).
     ref_counts: list[int] = field(init=False)
     names: list[bytes | None] = field(init=False)  # set once the block is full and named for prefix caching
-    # Unreferenced blocks, least recently freed first: handed out (evicting their name) in this order.
+    # Unreferenced blocks, handed out (evicting their name) from the front: unnamed ones, then
+    # named ones least recently freed first.
     _free: OrderedDict[int, None] = field(init=False)
     _named: dict[bytes, int] = field(init=False, default_factory=dict)  # hash -> block id
     pending_copies: list[BlockCopy] = field(init=False, default_factory=list)
@@ -108,7 +110,8 @@ class BlockManager:
         # Shared full blocks are named already (by the leader, or they were found by name).
         seq.num_named_blocks = len(shared) if self.prefix_caching else 0
         seq.num_computed = cached
-        if reuse and leader is None and self.prefix_caching:
+        if reuse and leader is None and self.prefix_caching and not seq.num_preemptions:
+            # A preempted sequence finding its own blocks again is not a prefix-cache hit.
             self.queries += seq.num_tokens
             self.hits += cached
         return True
@@ -128,8 +131,9 @@ class BlockManager:
         hashes = seq.block_hashes
         while len(hashes) < count:
             i = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else seq.cache_salt.encode(),
-                                     seq.tokens(i * size, (i + 1) * size)))
+            # The salt enters hashed, so no salt can pose as another chain's parent digest.
+            parent = hashes[-1] if hashes else block_hash(seq.cache_salt.encode(), ())
+            hashes.append(block_hash(parent, seq.tokens(i * size, (i + 1) * size)))
         return hashes[:count]
 
     # ---- while running ----
@@ -161,11 +165,15 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Drops `seq`'s references, last block first: freed blocks keep their names (and their
-        keys/values) until handed out again, and a prefix's tail goes before its head."""
+        keys/values) until handed out again, and a prefix's tail goes before its head. An
+        unnamed block can never be hit, so it goes to the front, to be handed out first: named
+        prefixes live longer, and the pool's memory is touched only as far as traffic needs."""
         for block in reversed(seq.block_table):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self._free[block] = None
+                if self.names[block] is None:
+                    self._free.move_to_end(block, last=False)
         seq.block_table = []
         seq.num_named_blocks = 0
 

@@ -124,7 +124,7 @@ class Scheduler:
         # Prompt logprobs need every prompt position computed, unless they were all sent before a
         # preemption. A later choice of an n>1 request takes its leader's prompt KV instead (its
         # prompt's logprobs are its leader's).
-        reuse = seq.params.prompt_logprobs is None or seq.max_computed >= len(seq.prompt_ids)
+        reuse = seq.params.prompt_logprobs is None or seq.max_computed >= len(seq.prompt_ids) - 1
         if not self.blocks.allocate(seq, reuse, seq.leader, self.watermark if self.running else 0):
             return False
         if seq.num_preemptions == 0:
@@ -142,7 +142,8 @@ class Scheduler:
 
     def _prefill_chunk(self, seq: Sequence, budget: float, first: bool, decoding: bool) -> ScheduledSeq | None:
         cap = self.prefill_budget_while_decoding
-        if cap and decoding and seq.num_tokens - seq.num_computed > self.max_num_batched_tokens:
+        # A preempted stream resuming is not held back: its client is already waiting mid-answer.
+        if cap and decoding and not seq.output_ids and seq.num_tokens - seq.num_computed > self.max_num_batched_tokens:
             budget = min(budget, float(cap))
         # The largest n with prefill_cost(start, n) <= budget: a n^2 + b n - budget <= 0.
         a, b = self._attention_weight, 1.0 + seq.num_computed * self._attention_weight
