@@ -20,7 +20,7 @@ from aserve.engine.kv_cache import KVCache, parse_bytes
 from aserve.engine.model_runner import ModelRunner
 from aserve.engine.scheduler import Scheduler
 from aserve.models.loader import LoadedModel, load_model, resolve_dtype
-from aserve.models.paged_attention import kernel_available
+from aserve.models.paged_attention import attention_backend
 from aserve.models.quantize import QUANTIZATION_MODES
 from aserve.models.store import default_cache_dir, resolve_model
 from aserve.server.serving import ServingState
@@ -121,8 +121,7 @@ def build_state(config: Config) -> ServingState:
         eos.add(hf_tokenizer.eos_token_id)
     log.info("model %s on %s (%s, quantization %s); max_model_len %d; KV cache %d blocks x %d tokens = %d tokens "
              "in %.2f GiB (attention: %s)", path, loaded.device, loaded.dtype, mc.quantization, loaded.max_model_len,
-             kv.num_blocks, kv.block_size, kv.num_tokens, kv.nbytes / 2**30,
-             "C++ kernel" if loaded.device.type == "cpu" and kernel_available() else "torch")
+             kv.num_blocks, kv.block_size, kv.num_tokens, kv.nbytes / 2**30, attention_backend(loaded.device))
     blocks = BlockManager(kv.num_blocks, kv.block_size, ec.enable_prefix_caching)
     engine = EngineLoop(
         Scheduler(blocks, ec.max_num_seqs, ec.max_num_batched_tokens, loaded.max_model_len, eos,

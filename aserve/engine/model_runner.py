@@ -81,29 +81,32 @@ class ModelRunner:
         Decodes and short chunks go first and attend through the paged attention op; longer
         chunks follow, each attended densely (batch.py)."""
         size = self.kv_cache.block_size
-        paged = [i for i, item in enumerate(scheduled) if _is_paged(item)]
-        dense = [i for i, item in enumerate(scheduled) if not _is_paged(item)]
+        as_tensor = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype).to(self.device, non_blocking=True)  # noqa: E731
+        is_paged = [_is_paged(item) for item in scheduled]
+        order = sorted(range(len(scheduled)), key=lambda i: not is_paged[i])  # stable: paged first, in step order
         input_ids: list[int] = []
         positions: list[int] = []
+        token_blocks: list[int] = []  # the block each token's key/value goes to
         first_token: dict[int, int] = {}  # scheduled index -> index of its first token in the batch
         block_tables: list[list[int]] = []
         query_rows: list[int] = []
         context_lens: list[int] = []
         prefills: list[PrefillChunk] = []
-        for index in paged + dense:
+        for index in order:
             item = scheduled[index]
             seq, start = item.seq, item.seq.num_computed
+            span = range(start, start + item.num_tokens)
             first_token[index] = len(input_ids)
-            input_ids.extend(seq.tokens(start, start + item.num_tokens))
-            positions.extend(range(start, start + item.num_tokens))
-            if _is_paged(item):
+            input_ids.extend(seq.tokens(span.start, span.stop))
+            positions.extend(span)
+            token_blocks.extend(seq.block_table[p // size] for p in span)
+            if is_paged[index]:
                 query_rows.extend([len(block_tables)] * item.num_tokens)
-                context_lens.extend(range(start + 1, start + item.num_tokens + 1))
+                context_lens.extend(range(span.start + 1, span.stop + 1))
                 block_tables.append(seq.block_table)
             else:
-                table = seq.block_table[: -(-(start + item.num_tokens) // size)]
-                prefills.append(PrefillChunk(torch.tensor(table, dtype=torch.long).to(self.device, non_blocking=True),
-                                             start, item.num_tokens))
+                table = seq.block_table[: self.blocks.blocks_for(span.stop)]
+                prefills.append(PrefillChunk(as_tensor(table), start, item.num_tokens))
         logits_indices: list[int] = []
         prompt_indices: list[int] = []
         prompt_rows: list[tuple[int, list[int]]] = []
@@ -121,10 +124,7 @@ class ModelRunner:
                     prompt_rows.append((index, predicts))
         width = max((len(t) for t in block_tables), default=0)
         padded = [t + [0] * (width - len(t)) for t in block_tables]  # padding is never read
-        as_tensor = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype).to(self.device, non_blocking=True)  # noqa: E731
         token_positions = torch.tensor(positions, dtype=torch.long)
-        token_blocks = [seq_blocks for index in paged + dense
-                        for seq_blocks in _token_blocks(scheduled[index], size)]
         return ForwardBatch(
             input_ids=as_tensor(input_ids),
             positions=token_positions.to(self.device, non_blocking=True),
@@ -140,13 +140,12 @@ class ModelRunner:
 
 # A prefill chunk this short, with keys already cached before it, attends through the paged
 # op like decodes do: gathering its whole context for SDPA would copy more than it computes.
+# Per layer on the 2-core AMD EPYC (AVX-512) of 2026-12-04, SmolLM2 shapes: at 32 tokens the
+# kernel took 0.9 / 2.6 / 5.9 ms at context 512 / 1,600 / 3,000 against 1.8 / 4.5 / 6.2 for
+# gather + SDPA; at 64 they were even (5.6 against 5.7 at 1,600; 10.5 against 9.3 at 3,000).
 PAGED_CHUNK_MAX = 32
 
 
 def _is_paged(item: ScheduledSeq) -> bool:
     return item.num_tokens == 1 or (item.seq.num_computed > 0 and item.num_tokens <= PAGED_CHUNK_MAX)
 
-
-def _token_blocks(item: ScheduledSeq, block_size: int) -> list[int]:
-    table, start = item.seq.block_table, item.seq.num_computed
-    return [table[p // block_size] for p in range(start, start + item.num_tokens)]

@@ -127,6 +127,11 @@ def kernel_available() -> bool:
     return _load() is not None
 
 
+def attention_backend(device: torch.device) -> str:
+    """What backend "auto" uses for tensors on `device`: "kernel" or "torch"."""
+    return "kernel" if device.type == "cpu" and kernel_available() else "torch"
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_rows: torch.Tensor, context_lens: torch.Tensor, scale: float,
                     backend: str = "auto") -> torch.Tensor:
@@ -145,12 +150,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     if backend not in ("auto", "kernel", "torch"):
         raise ValueError(f"backend must be 'auto', 'kernel' or 'torch', not {backend!r}")
-    if backend == "kernel" or (backend == "auto" and q.device.type == "cpu"):
-        module = _load()
-        if module is not None:
-            return module.paged_attention(q, k_cache, v_cache, block_tables, query_rows, context_lens, scale)
-        if backend == "kernel":
+    if backend == "auto":
+        backend = attention_backend(q.device)
+    if backend == "kernel":
+        if (module := _load()) is None:
             raise RuntimeError("the paged attention kernel is unavailable (its build failed; see the log)")
+        return module.paged_attention(q, k_cache, v_cache, block_tables, query_rows, context_lens, scale)
     return _torch_paged_attention(q, k_cache, v_cache, block_tables, query_rows, context_lens, scale)
 
 
