@@ -32,10 +32,10 @@ class ModelConfig:
     path: str | None = None  # None: the default model (SmolLM2-135M-Instruct), fetched and converted once
     cache_dir: str | None = None  # None: $ASERVE_CACHE_DIR or ~/.cache/aserve
     device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda and on CPUs with AVX512-BF16 or AMX, else float32
     max_model_len: int | None = None  # prompt + completion tokens per request; None: the model's own context
     load_format: str = "auto"  # auto: the weight files; dummy: random weights of the config's shape (benchmarks)
-    quantization: str = "none"  # none | fp16: CPU weight quantization of the linear layers (quantize.py)
+    quantization: str = "auto"  # auto | none | int4 | fp16: weight-only quantized linears (models/quantize.py)
     chat_template: str | None = None  # a Jinja file that replaces the model's chat template
     # auto: sampling defaults from the model's generation_config.json (as vLLM); none: OpenAI's defaults
     generation_config: str = "auto"

@@ -119,8 +119,10 @@ def build_state(config: Config) -> ServingState:
     eos = set(loaded.eos_token_ids)
     if hf_tokenizer.eos_token_id is not None:
         eos.add(hf_tokenizer.eos_token_id)
-    log.info("model %s on %s (%s, quantization %s); max_model_len %d; KV cache %d blocks x %d tokens = %d tokens "
-             "in %.2f GiB (attention: %s)", path, loaded.device, loaded.dtype, mc.quantization, loaded.max_model_len,
+    log.info("model %s on %s, %s (%s); quantization %s: linear layers %s; max_model_len %d",
+             path, loaded.device, str(loaded.dtype).removeprefix("torch."), loaded.dtype_reason, mc.quantization,
+             ", ".join(f"{n} {kind}" for kind, n in loaded.linears.items()), loaded.max_model_len)
+    log.info("KV cache %d blocks x %d tokens = %d tokens in %.2f GiB (attention: %s)",
              kv.num_blocks, kv.block_size, kv.num_tokens, kv.nbytes / 2**30, attention_backend(loaded.device))
     blocks = BlockManager(kv.num_blocks, kv.block_size, ec.enable_prefix_caching)
     engine = EngineLoop(

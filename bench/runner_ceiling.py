@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--block-size", type=int, default=16, help="positions per KV-cache block")
     parser.add_argument("--json", metavar="PATH", help="also write [{context, batch, step_ms, tokens_per_s}] here")
-    parser.add_argument("--quantization", default="none", help="none | fp16 (see aserve/models/quantize.py)")
+    parser.add_argument("--quantization", default="auto", help="auto | none | int4 | fp16 (see aserve/models/quantize.py)")
     args = parser.parse_args()
     if args.steps < 1 or min(args.batch) < 1 or min(args.context) < 1:
         parser.error("--steps, --batch and --context must be >= 1")

@@ -57,9 +57,10 @@ class Server:
 @asynccontextmanager
 async def serve(model_dir: Path, model_settings: dict[str, Any] | None = None,
                 engine_settings: dict[str, Any] | None = None, **server_settings: Any) -> AsyncIterator[Server]:
-    # Built exactly as the CLI builds it (aserve/cli.py -> launch.build_state -> app).
+    # Built exactly as the CLI builds it (aserve/cli.py -> launch.build_state -> app). float32, not
+    # auto: auto is bfloat16 on some CPUs only, and bfloat16 logits move with the batch's shape.
     config = load_config(None, {
-        "model": {"path": str(model_dir), "max_model_len": MAX_MODEL_LEN, **(model_settings or {})},
+        "model": {"path": str(model_dir), "max_model_len": MAX_MODEL_LEN, "dtype": "float32", **(model_settings or {})},
         # 4 MiB: 512 blocks of 16 positions of the tiny models (512 bytes a position).
         "engine": {"max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens": 64, "kv_cache_memory": "4MiB",
                    **(engine_settings or {})},

@@ -16,7 +16,8 @@ PROMPTS = [[5, 6, 7], list(range(20, 61)), [9] * 12, list(range(100, 117))]
 
 @asynccontextmanager
 async def running_engine(model_dir, max_model_len: int = 256, **engine):
-    config = load_config(None, {"model": {"path": str(model_dir), "max_model_len": max_model_len},
+    # float32: dtype auto differs by CPU (see test_api.serve)
+    config = load_config(None, {"model": {"path": str(model_dir), "max_model_len": max_model_len, "dtype": "float32"},
                                 "engine": {"seed": 0, **engine}})
     state = build_state(config)
     task = asyncio.create_task(state.engine.run())

@@ -24,8 +24,9 @@ def no_conversion(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, Path, str
 
     def fake_convert(gguf: Path, out: Path, source_sha: str) -> None:
         calls.append((gguf, out, source_sha))
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text("{}")
+        (out / store.GGUF_NAME).write_bytes(b"GGUF")
         (out / store.MARKER).write_text(source_sha)
 
     monkeypatch.setattr(store, "_convert", fake_convert)
@@ -112,9 +113,24 @@ def test_complete_cached_default_model_is_returned_without_pip_or_conversion(
     cached = tmp_path / store.DEFAULT_MODEL_DIRNAME
     cached.mkdir()
     (cached / "config.json").write_text("{}")
+    (cached / store.GGUF_NAME).write_bytes(b"GGUF")
     (cached / store.MARKER).write_text(store.DEFAULT_GGUF_SHA256 + "\n")
     assert resolve_model(None, tmp_path, PIP_MUST_NOT_RUN) == cached
     assert no_conversion == []
+
+
+def test_cached_dir_from_before_the_gguf_was_kept_is_converted_again(
+    tmp_path: Path, no_conversion: list[tuple[Path, Path, str]]
+) -> None:
+    gguf = tmp_path / "my-model.gguf"
+    gguf.write_bytes(b"GGUF bytes")
+    sha = hashlib.sha256(b"GGUF bytes").hexdigest()
+    old = tmp_path / "cache" / f"gguf-{sha[:16]}"
+    old.mkdir(parents=True)
+    (old / "config.json").write_text("{}")
+    (old / store.MARKER).write_text(sha)  # complete by the old rule, but without model.gguf
+    assert resolve_model(str(gguf), tmp_path / "cache") == old
+    assert no_conversion == [(gguf, old, sha)]
 
 
 def test_cached_default_model_without_marker_is_not_trusted(tmp_path: Path) -> None:

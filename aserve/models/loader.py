@@ -10,8 +10,10 @@ import torch
 from safetensors import safe_open
 
 from aserve.models.llama import LlamaModel, ModelArgs, rope_tables
+from aserve.models import quantize
+from aserve.models.gguf import GGUFWeights
 from aserve.models.onednn_linear import pack_linears
-from aserve.models.quantize import quantize_linears
+from aserve.models.store import GGUF_NAME
 
 log = logging.getLogger("aserve.loader")
 
@@ -30,6 +32,8 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     dtype: torch.dtype
     device: torch.device
+    dtype_reason: str  # why this dtype, for the start-up log
+    linears: dict[str, int]  # how many linear layers are int4, int8, dense
 
 
 def read_hf_config(path: Path):
@@ -113,7 +117,7 @@ def _fused_state_dict(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict
 
 
 def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
-               random_weights: bool = False, quantization: str = "none") -> LoadedModel:
+               random_weights: bool = False, quantization: str = "auto") -> LoadedModel:
     """`random_weights`: ignore any weight files and initialize randomly (the config alone
     gives the shape), to measure speed of model shapes whose weights are not at hand.
     `quantization`: see quantize.py."""
@@ -148,28 +152,43 @@ def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
         log.warning("max_model_len %d exceeds the model's context %d; using %d", max_model_len, context, context)
 
     torch_device = torch.device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    # Build on the meta device so no memory is spent on a random init we would overwrite.
+    torch_dtype, dtype_reason = resolve_dtype(dtype, torch_device)
+    gguf = GGUFWeights(path / GGUF_NAME, args.num_heads, args.num_kv_heads) \
+        if tensors is not None and (path / GGUF_NAME).is_file() else None
+    # Build on the meta device so no memory is spent on a random init we would overwrite, and
+    # so that a quantized linear never exists in float at all.
     with torch.device("meta"):
         model = LlamaModel(args)
+    kinds = quantize.plan(model, quantization, torch_dtype, torch_device, gguf)
+    quantize.swap_linears(model, kinds)
     model.to_empty(device=torch_device).to(torch_dtype)
     if tensors is None:
-        _init_random(model)
+        generator = torch.Generator().manual_seed(0)
+        state = quantize.quantized_state(kinds, None, None, generator, model)
+        _init_random(model, skip=set(state))
+        model.load_state_dict(state, strict=False)
     else:
-        model.load_state_dict(_fused_state_dict(tensors, args), strict=True)
-        del tensors  # the checkpoint's copy: free it before packing or quantizing makes more
+        dense = _fused_state_dict(tensors, args)
+        del tensors
+        dense.update(quantize.quantized_state(kinds, dense, gguf, None, model))
+        model.load_state_dict(dense, strict=True)
+        del dense  # the checkpoint's copy: free it before packing or quantizing makes more
     inv_freq, rope_scaling = _rope_inv_freq(config, head_dim)
     model.set_rope(*(t.to(torch_device) for t in rope_tables(inv_freq, rope_scaling, max_len)))
     model.eval()
-    quantize_linears(model, quantization, torch_device)
-    pack_linears(model)  # what quantization left in float32 on CPU
-    return LoadedModel(model, args, max_len, _eos_ids(path, config), torch_dtype, torch_device)
+    if quantization == "fp16":
+        quantize.fp16_dynamic(model, torch_device)
+    pack_linears(model)  # what is left in float32 on CPU
+    return LoadedModel(model, args, max_len, _eos_ids(path, config), torch_dtype, torch_device,
+                       dtype_reason, quantize.count(model))
 
 
 @torch.no_grad()
-def _init_random(model: LlamaModel, seed: int = 0) -> None:
+def _init_random(model: LlamaModel, skip: set[str], seed: int = 0) -> None:
     generator = torch.Generator(model.embed_tokens.weight.device).manual_seed(seed)
     for name, param in model.named_parameters():
+        if name in skip:
+            continue
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         elif name.endswith(".bias"):
@@ -178,11 +197,22 @@ def _init_random(model: LlamaModel, seed: int = 0) -> None:
             param.normal_(0.0, 0.02, generator=generator)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); without it bfloat16
+    matmuls are emulated and tens of times slower than float32."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe is not None and probe() for probe in probes)
+
+
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The dtype to run in, and why (for the start-up log)."""
     if name == "auto":
-        # bfloat16 halves memory traffic on GPUs; on CPUs float32 matmuls are the fast path.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16, "auto: bfloat16 on a GPU"
+        if cpu_has_bf16():
+            return torch.bfloat16, "auto: this CPU has AVX512-BF16 or AMX"
+        return torch.float32, "auto: this CPU lacks AVX512-BF16 and AMX, where bfloat16 is emulated"
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
         raise ValueError(f"unknown dtype {name!r}; choose auto, {', '.join(dtypes)}")
-    return dtypes[name]
+    return dtypes[name], "as configured"

