@@ -36,6 +36,9 @@ class ModelConfig:
     max_model_len: int | None = None  # prompt + completion tokens per request; None: the model's own context
     load_format: str = "auto"  # auto: the weight files; dummy: random weights of the config's shape (benchmarks)
     quantization: str = "auto"  # auto | none | int4 | fp16: weight-only quantized linears (models/quantize.py)
+    # Dense copies of the quantized linears, for batches large enough that a dense matmul beats
+    # the weight-only kernel (the row count is timed at start), kept if they fit in this much.
+    dense_copy_memory: str = "1GiB"
     chat_template: str | None = None  # a Jinja file that replaces the model's chat template
     # auto: sampling defaults from the model's generation_config.json (as vLLM); none: OpenAI's defaults
     generation_config: str = "auto"

@@ -45,6 +45,7 @@ def _check_settings(config: Config) -> None:
     if mc.quantization not in QUANTIZATION_MODES:
         raise ValueError(f"unknown quantization {mc.quantization!r}; choose {', '.join(QUANTIZATION_MODES)}")
     resolve_dtype(mc.dtype, torch.device(pick_device(mc.device)))
+    parse_bytes(mc.dense_copy_memory)
     if ec.max_num_seqs < 1:
         raise ValueError("max_num_seqs must be at least 1")
     if ec.max_num_batched_tokens < ec.max_num_seqs:
@@ -77,7 +78,8 @@ def _load(config: Config, path: Path, threads: int) -> tuple[LoadedModel, KVCach
     mc, ec = config.model, config.engine
     torch.set_num_threads(threads)
     loaded = load_model(path, pick_device(mc.device), mc.dtype, mc.max_model_len,
-                        random_weights=mc.load_format == "dummy", quantization=mc.quantization)
+                        random_weights=mc.load_format == "dummy", quantization=mc.quantization,
+                        dense_copy_memory=parse_bytes(mc.dense_copy_memory))
     kv = KVCache.allocate(loaded.args, parse_bytes(ec.kv_cache_memory), ec.block_size, loaded.dtype, loaded.device)
     if kv.num_tokens < loaded.max_model_len:
         # One sequence of the longest allowed length must fit, or it could never run.
@@ -119,9 +121,10 @@ def build_state(config: Config) -> ServingState:
     eos = set(loaded.eos_token_ids)
     if hf_tokenizer.eos_token_id is not None:
         eos.add(hf_tokenizer.eos_token_id)
-    log.info("model %s on %s, %s (%s); quantization %s: linear layers %s; max_model_len %d",
+    log.info("model %s on %s, %s (%s); quantization %s: linear layers %s, %s; max_model_len %d",
              path, loaded.device, str(loaded.dtype).removeprefix("torch."), loaded.dtype_reason, mc.quantization,
-             ", ".join(f"{n} {kind}" for kind, n in loaded.linears.items()), loaded.max_model_len)
+             ", ".join(f"{n} {kind}" for kind, n in loaded.linears.items()), loaded.dense_copies,
+             loaded.max_model_len)
     log.info("KV cache %d blocks x %d tokens = %d tokens in %.2f GiB (attention: %s)",
              kv.num_blocks, kv.block_size, kv.num_tokens, kv.nbytes / 2**30, attention_backend(loaded.device))
     blocks = BlockManager(kv.num_blocks, kv.block_size, ec.enable_prefix_caching)

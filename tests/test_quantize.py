@@ -15,6 +15,7 @@ from aserve.engine.scheduler import ScheduledSeq
 from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from aserve.models.gguf import Int4Groups, decode_int4, unpermute_rope_rows
 from aserve.models.loader import load_model, resolve_dtype
+from aserve.models import quantize as quant
 from aserve.models.quantize import Int4Linear, Int8Linear, quantize_int4
 from aserve.models.store import GGUF_NAME
 
@@ -182,3 +183,30 @@ def test_auto_dtype_follows_the_cpus_bfloat16_support(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert resolve_dtype("auto", torch.device("cpu"))[0] == torch.bfloat16
     assert resolve_dtype("float32", torch.device("cpu"))[0] == torch.float32
+
+
+def _int4_layer(n: int = 48, k: int = 96) -> Int4Linear:
+    layer = Int4Linear(k, n, bias=False)
+    layer.load_state_dict(Int4Linear.buffers_from(quantize_int4(torch.randn(n, k))))
+    return layer.to(torch.bfloat16)
+
+
+def test_a_dense_copy_is_the_kernels_own_weight_and_serves_only_large_batches(monkeypatch):
+    layer = _int4_layer()
+    model = torch.nn.Sequential(layer)
+    monkeypatch.setattr(quant, "crossover", lambda layer: 8)  # the timing itself varies by machine
+    assert "for batches of 8+ rows" in quant.add_dense_copies(model, budget_bytes=1 << 20)
+    calls = []
+    monkeypatch.setattr(layer, "quantized", lambda x: calls.append(x.shape[0]) or Int4Linear.quantized(layer, x))
+    small, large = torch.randn(7, 96).bfloat16(), torch.randn(8, 96).bfloat16()
+    layer(small), layer(large)
+    assert calls == [7]
+    expected = Int4Linear.quantized(layer, large).float()  # the same weights; bfloat16 sums in another order
+    torch.testing.assert_close(torch.nn.functional.linear(large, layer.dense).float(), expected,
+                               atol=0.02 * expected.abs().max().item(), rtol=0)
+
+
+def test_no_dense_copies_when_they_would_not_fit_the_budget():
+    layer = _int4_layer()
+    note = quant.add_dense_copies(torch.nn.Sequential(layer), budget_bytes=48 * 96 * 2 - 1)
+    assert "no dense copies" in note and layer.dense is None

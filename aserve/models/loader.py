@@ -34,6 +34,7 @@ class LoadedModel:
     device: torch.device
     dtype_reason: str  # why this dtype, for the start-up log
     linears: dict[str, int]  # how many linear layers are int4, int8, dense
+    dense_copies: str  # what quantize.add_dense_copies did, for the start-up log
 
 
 def read_hf_config(path: Path):
@@ -117,10 +118,11 @@ def _fused_state_dict(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict
 
 
 def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
-               random_weights: bool = False, quantization: str = "auto") -> LoadedModel:
+               random_weights: bool = False, quantization: str = "auto",
+               dense_copy_memory: int = 1 << 30) -> LoadedModel:
     """`random_weights`: ignore any weight files and initialize randomly (the config alone
     gives the shape), to measure speed of model shapes whose weights are not at hand.
-    `quantization`: see quantize.py."""
+    `quantization`, `dense_copy_memory`: see quantize.py (plan, add_dense_copies)."""
     config = read_hf_config(path)
     tensors = None if random_weights else _read_tensors(path)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -179,8 +181,9 @@ def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
     if quantization == "fp16":
         quantize.fp16_dynamic(model, torch_device)
     pack_linears(model)  # what is left in float32 on CPU
+    dense_copies = quantize.add_dense_copies(model, dense_copy_memory)
     return LoadedModel(model, args, max_len, _eos_ids(path, config), torch_dtype, torch_device,
-                       dtype_reason, quantize.count(model))
+                       dtype_reason, quantize.count(model), dense_copies)
 
 
 @torch.no_grad()

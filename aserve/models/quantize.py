@@ -22,17 +22,49 @@ Modes (`--quantization`):
 
 import warnings
 
+import logging
+import time
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aserve.models.gguf import GROUP, GGUFWeight, GGUFWeights, Int4Groups
 from aserve.models.onednn_linear import OneDNNLinear
 
+log = logging.getLogger("aserve.loader")
+
 QUANTIZATION_MODES = ("auto", "none", "int4", "fp16")
 HALF = (torch.bfloat16, torch.float16)
 
 
-class Int4Linear(nn.Module):
+class _WeightOnly(nn.Module):
+    """A weight-only quantized linear. Its kernel dequantizes the weight once per row of x,
+    so past a few rows a dense matmul is faster: `dense`, when set (`add_dense_copies`), is
+    a copy in the activation dtype that batches of `dense_from` rows or more use instead."""
+
+    dense: torch.Tensor | None = None
+    dense_from = 1 << 30
+
+    def quantized(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        # The kernel's own dequantization, read back through an identity: exact, whatever the layout.
+        return self.quantized(torch.eye(self.in_features, dtype=self._dtype())).t().contiguous()
+
+    def _dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and x.shape[0] >= self.dense_from:
+            return F.linear(x, self.dense, self.bias)
+        y = self.quantized(x)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(_WeightOnly):
     """y = x W^T (+ b) with W held as 4-bit groups: w = (q - 8) * scale + zero."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
@@ -52,12 +84,14 @@ class Int4Linear(nn.Module):
         return {"packed": packed,
                 "scales_and_zeros": torch.stack([groups.scales.t(), groups.zeros.t()], dim=-1).contiguous()}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
-        return y if self.bias is None else y + self.bias
+    def _dtype(self) -> torch.dtype:
+        return self.scales_and_zeros.dtype
+
+    def quantized(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_WeightOnly):
     """y = x W^T (+ b) with W held as int8 and one scale per output channel."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
@@ -73,9 +107,11 @@ class Int8Linear(nn.Module):
         q = torch.round(dense / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
         return {"weight_int8": q, "scales": scales}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
-        return y if self.bias is None else y + self.bias
+    def _dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def quantized(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
 
 
 QUANTIZED = {"int4": Int4Linear, "int8": Int8Linear}
@@ -199,3 +235,49 @@ def count(model: nn.Module) -> dict[str, int]:
             kinds[name] = kinds.get(name, 0) + 1
     return kinds
 
+
+
+def _seconds(fn: Callable[[], torch.Tensor], repeat: int = 7) -> float:
+    """The fastest of `repeat` calls: the least disturbed by whatever else the machine runs."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def crossover(layer: _WeightOnly, rows: tuple[int, ...] = (2, 4, 8, 16, 32, 64)) -> int | None:
+    """The fewest rows of x at which a dense copy of `layer` multiplies faster than its
+    quantized kernel, timed here (it differs between CPUs); None if it never does."""
+    dense = layer.dequantized()
+    for m in rows:
+        x = torch.randn(m, layer.in_features, dtype=dense.dtype)
+        if _seconds(lambda: F.linear(x, dense)) < _seconds(lambda: layer.quantized(x)):
+            return m
+    return None
+
+
+def add_dense_copies(model: nn.Module, budget_bytes: int) -> str:
+    """Gives the quantized linears dense copies for large batches, if they all fit in
+    `budget_bytes`: the small-batch decode keeps the 4-bit read, the large batch the faster
+    dense matmul. Returns what was done, for the start-up log."""
+    layers = [m for m in model.modules() if isinstance(m, _WeightOnly)]
+    if not layers:
+        return "no quantized layers"
+    size = sum(m.in_features * m.out_features for m in layers) * layers[0]._dtype().itemsize
+    if size > budget_bytes:
+        return f"no dense copies for large batches ({size / 2**30:.2f} GiB would exceed dense_copy_memory)"
+    thresholds = {}
+    for kind in (Int4Linear, Int8Linear):
+        of_kind = [m for m in layers if type(m) is kind]
+        if of_kind:  # timed on the largest layer of each kind
+            thresholds[kind] = crossover(max(of_kind, key=lambda m: m.in_features * m.out_features))
+    for m in layers:
+        if (rows := thresholds[type(m)]) is not None:
+            m.dense, m.dense_from = m.dequantized(), rows
+    return "dense copies ({:.2f} GiB) for batches of {}".format(
+        size / 2**30, ", ".join(f"{rows}+ rows ({kind.__name__})" if rows else f"no rows ({kind.__name__})"
+                                for kind, rows in thresholds.items()))
