@@ -3,14 +3,13 @@ reference computed from each row's dense keys and values."""
 
 from __future__ import annotations
 
-import functools
-import logging
 import shutil
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from aserve.models import cpu_kernels
 from aserve.models import paged_attention as pa
 
 CONTEXTS = [1, 15, 16, 17, 300]
@@ -99,14 +98,14 @@ def assert_matches(out: torch.Tensor, case: Case, atol: float = 1e-5, rtol: floa
 
 @pytest.fixture(scope="module")
 def kernel() -> None:
-    if not pa.kernel_available():
+    if not cpu_kernels.kernel_available():
         pytest.skip("the paged attention kernel did not build here (see the warning on the 'aserve' logger)")
 
 
 def test_kernel_builds_where_a_compiler_and_ninja_exist():
     if shutil.which("c++") is None or shutil.which("ninja") is None:
         pytest.skip("no C++ compiler or ninja on PATH: the torch path is the only one")
-    assert pa.kernel_available()
+    assert cpu_kernels.kernel_available()
 
 
 @pytest.mark.parametrize("tables", ["permuted", "shared"])
@@ -218,39 +217,6 @@ def test_kernel_rejects_indices_outside_the_cache(kernel, field, value, message)
     getattr(case, field).view(-1)[0] = value
     with pytest.raises(RuntimeError, match=message):
         pa.paged_attention(*case.args(), backend="kernel")
-
-
-def test_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
-    monkeypatch.setattr(pa, "_build", functools.cache(pa._build.__wrapped__))  # a fresh cache, dropped after
-    calls = []
-
-    def failing_load(**kwargs):
-        calls.append(kwargs["name"])
-        raise RuntimeError("Error building extension 'x':\n[1/2] c++ ...\npaged_attention.cpp:1: error: boom\nninja: build stopped")
-
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", failing_load)
-    case = make_case(9, 3, 64, 16, CONTEXTS)
-    with caplog.at_level(logging.WARNING, logger="aserve"):
-        for _ in range(3):
-            assert_matches(pa.paged_attention(*case.args()), case)
-        assert not pa.kernel_available()
-    assert len(calls) == 1
-    warnings = [r for r in caplog.records if r.name == "aserve" and r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "error: boom" in warnings[0].getMessage()
-    with pytest.raises(RuntimeError, match="unavailable"):
-        pa.paged_attention(*case.args(), backend="kernel")
-
-
-def test_extension_name_changes_with_cpu_and_source(monkeypatch, tmp_path):
-    flags = pa._openmp_flags()
-    name = pa._extension_name(*flags)
-    assert name.startswith("aserve_paged_attention_") and name == pa._extension_name(*flags)
-    monkeypatch.setattr(pa, "_cpu_flags", lambda: "flags : fpu sse sse2")
-    other_cpu = pa._extension_name(*flags)
-    edited = tmp_path / "paged_attention.cpp"
-    edited.write_text(pa._SOURCE.read_text() + "\n// edited\n")
-    monkeypatch.setattr(pa, "_SOURCE", edited)
-    assert len({name, other_cpu, pa._extension_name(*flags)}) == 3
 
 
 def test_unknown_backend_is_rejected():

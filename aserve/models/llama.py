@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aserve.models import fused
 from aserve.models.batch import ForwardBatch
 from aserve.models.paged_attention import paged_attention
 
@@ -40,23 +41,16 @@ class ModelArgs:
 
 
 class RMSNorm(nn.Module):
+    """Normalizes in float32 whatever the activations' dtype, as the reference models do; the
+    weight stays float32 (the loader keeps it so)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in float32 whatever the weights' dtype, as the reference models do.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, head_dim]; cos/sin: [T, 1, head_dim]. HF checkpoints use the rotate-half layout.
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return fused.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -73,30 +67,27 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
         self.scale = args.head_dim**-0.5
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        batch: ForwardBatch,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         a = self.args
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(T, a.num_heads, a.head_dim)
-        k = k.view(T, a.num_kv_heads, a.head_dim)
-        v = v.view(T, a.num_kv_heads, a.head_dim)
-        if a.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # k_cache: [blocks, kv_heads, block_size, head_dim]; each token goes to its position's place.
-        k_cache[batch.token_blocks, :, batch.token_offsets] = k
-        v_cache[batch.token_blocks, :, batch.token_offsets] = v
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.split[0], self.split[1]
+        if a.qk_norm:  # Qwen3: each head of q and k normalized before RoPE
+            for part, norm in ((slice(0, q_size), self.q_norm), (slice(q_size, q_size + kv_size), self.k_norm)):
+                qkv[:, part] = norm(qkv[:, part].reshape(-1, a.head_dim)).view(T, -1)
+        # RoPE on q and k in place, and k, v into their places in the paged cache.
+        fused.rope_store(qkv, batch.positions, *rope, a.num_heads, a.num_kv_heads, k_cache, v_cache,
+                         batch.token_blocks, batch.token_offsets)
+        q = qkv[:, :q_size].view(T, a.num_heads, a.head_dim)
+        k = qkv[:, q_size : q_size + kv_size].view(T, a.num_kv_heads, a.head_dim)
+        v = qkv[:, q_size + kv_size :].view(T, a.num_kv_heads, a.head_dim)
 
-        out = torch.empty_like(q)
         P = batch.num_paged
+        if P == T:  # decode steps: no dense prefill chunk
+            return self.o_proj(paged_attention(q, k_cache, v_cache, batch.block_tables, batch.query_rows,
+                                               batch.context_lens, self.scale).view(T, -1))
+        out = torch.empty_like(q)
         if P:
             out[:P] = paged_attention(q[:P], k_cache, v_cache, batch.block_tables, batch.query_rows,
                                       batch.context_lens, self.scale)
@@ -136,11 +127,15 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm residual block. The residual stream is carried between layers and each add is
+    fused into the norm that follows it: the layer takes its input norm's input unadded
+    (`x`, the previous layer's MLP output, to be added to `residual` in place) and returns its
+    own MLP output the same way."""
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -148,9 +143,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, batch, k_cache, v_cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:  # the first layer: x is the embedding, the residual stream starts there
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        h = self.self_attn(h, batch, k_cache, v_cache, rope)
+        h = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 def rope_tables(inv_freq: torch.Tensor, scaling: float, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,10 +177,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Returns float32 logits [B, vocab] for the tokens in batch.logits_indices."""
-        x = self.embed_tokens(batch.input_ids)
-        cos = self.rope_cos[batch.positions].unsqueeze(1).to(x.dtype)
-        sin = self.rope_sin[batch.positions].unsqueeze(1).to(x.dtype)
+        x, residual = self.embed_tokens(batch.input_ids), None
+        rope = (self.rope_cos, self.rope_sin)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, batch, k_cache[i], v_cache[i])
-        x = self.norm(x[batch.logits_indices])
+            x, residual = layer(x, residual, batch, k_cache[i], v_cache[i], rope)
+        x = self.norm(x, residual)[batch.logits_indices]
         return self.lm_head(x).float()

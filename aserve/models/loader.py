@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from aserve.models.llama import LlamaModel, ModelArgs, rope_tables
+from aserve.models.llama import LlamaModel, ModelArgs, RMSNorm, rope_tables
 from aserve.models import quantize
 from aserve.models.gguf import GGUFWeights
 from aserve.models.onednn_linear import pack_linears
@@ -164,6 +164,9 @@ def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
     kinds = quantize.plan(model, quantization, torch_dtype, torch_device, gguf)
     quantize.swap_linears(model, kinds)
     model.to_empty(device=torch_device).to(torch_dtype)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.float()  # norm weights stay float32: the norms compute in float32
     if tensors is None:
         generator = torch.Generator().manual_seed(0)
         state = quantize.quantized_state(kinds, None, None, generator, model)

@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "ops.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -254,6 +256,10 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   });
 }
 
+}  // namespace
+
+namespace aserve {
+
 at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables_in, const at::Tensor& query_rows_in,
                            const at::Tensor& context_lens_in, double scale) {
@@ -305,8 +311,4 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_cache, co
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "Paged attention over a block-pooled KV cache (CPU)");
-}
+}  // namespace aserve
