@@ -248,19 +248,25 @@ async def raise_with_body(resp: aiohttp.ClientResponse) -> None:
         raise HTTPStatusError(f"HTTP {resp.status}: {body}")
 
 
-def build_payload(model: str, index: int, max_tokens: int, temperature: float,
-                  ignore_eos: bool = False) -> dict[str, Any]:
+def build_payload(model: str, index: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Request `index` of a level, shaped by add_request_arguments' flags (and `extra_body`,
+    fields a particular server needs, set by sweep.py)."""
+    messages = list(PROMPTS[index % len(PROMPTS)])
+    if args.system_prompt is not None and messages[0]["role"] != "system":
+        # Said explicitly, so that servers whose chat templates differ in the default they
+        # insert (or that insert none) still see the same tokens.
+        messages.insert(0, {"role": "system", "content": args.system_prompt})
     payload = {
         "model": model,
-        "messages": list(PROMPTS[index % len(PROMPTS)]),
+        "messages": messages,
         "stream": True,
-        "max_tokens": max_tokens,
-        "temperature": temperature,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
         "stream_options": {"include_usage": True},
     }
-    if ignore_eos:  # vLLM's extension: every request runs to max_tokens
+    if args.ignore_eos:  # vLLM's extension: every request runs to max_tokens
         payload["ignore_eos"] = True
-    return payload
+    return {**payload, **getattr(args, "extra_body", {})}
 
 
 # ---------------------------------------------------------------------------
@@ -302,6 +308,10 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true",
                         help="send ignore_eos (vLLM extension): each request runs to max_tokens, so N clients keep "
                              "N sequences decoding, as the runner ceiling's fixed batch does")
+    parser.add_argument("--system-prompt", default=None, metavar="TEXT",
+                        help="system message for the prompts that have none (compare servers whose chat templates "
+                             "insert different defaults; SmolLM2's: \"You are a helpful AI assistant named SmolLM, "
+                             "trained by Hugging Face\")")
     parser.add_argument("--warmup", type=int, default=1,
                         help="unmeasured requests sent before the first level (default %(default)s)")
     parser.add_argument("--request-timeout", type=float, default=300.0,
@@ -497,7 +507,7 @@ async def client_worker(
     # the total per level is fixed and prompts are assigned deterministically.
     results = []
     for index in indices:
-        payload = build_payload(model, index, args.max_tokens, args.temperature, args.ignore_eos)
+        payload = build_payload(model, index, args)
         results.append(await stream_one(session, chat_url, payload, index, args.request_timeout,
                                         args.end_at_finish))
         if on_result is not None:  # e.g. a progress bar (bench/sweep.py)
@@ -592,7 +602,7 @@ async def warm_up(session: aiohttp.ClientSession, args: argparse.Namespace, mode
     # graph capture) do not land in the first level's TTFT.
     chat_url = args.url.rstrip("/") + "/v1/chat/completions"
     for i in range(args.warmup):
-        r = await stream_one(session, chat_url, build_payload(model, i, args.max_tokens, args.temperature),
+        r = await stream_one(session, chat_url, build_payload(model, i, args),
                              i, args.request_timeout, args.end_at_finish)
         if not r.ok:
             raise RuntimeError(f"warm-up request failed: {r.error}")

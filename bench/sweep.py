@@ -16,6 +16,16 @@ PNG (throughput, TTFT and ITL against concurrency, one line per target).
 it, so two servers never share the CPU. Write them with '=' (ARGS begins with '--'):
 --start-aserve="--port 8401 --max-num-seqs 8". --start-aserve-as=NAME=ARGS (repeatable) starts
 further aserve configurations under their own names, to compare them in the same run.
+
+--start-llamacpp="PATH ARGS" starts llama.cpp's server (PATH: the llama-server binary you
+built; never downloaded here) as target 'llama.cpp', and sends it "cache_prompt": false so
+that, like aserve's cold prompts, every prompt is computed. Give every server the same
+tokens with --system-prompt (SmolLM2's template inserts a default system prompt that
+llama.cpp's template handling may not):
+
+    python bench/sweep.py --concurrency 1 8 32 --system-prompt "You are a helpful AI assistant named SmolLM, trained by Hugging Face" \
+        --start-aserve="--port 8401" \
+        --start-llamacpp="$LLAMA/llama-server -m SmolLM2-135M-Instruct.Q4_1.gguf --port 8402 -t 2 -np 32 -c 65536"
 """
 from __future__ import annotations
 
@@ -39,7 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load  # noqa: E402  (bench/load.py)
 
 BENCH_DIR = Path(__file__).resolve().parent
-DEFAULT_PORTS = {"aserve": 8000, "baseline": 8001}
+DEFAULT_PORTS = {"aserve": 8000, "baseline": 8001, "llamacpp": 8080}
+# Fields a server needs in every request body to be measured like the others.
+EXTRA_BODY = {"llamacpp": {"cache_prompt": False}}
 # (label, getter, higher is better) for the ratio table and JSON.
 RATIO_METRICS = (
     ("out_tok/s", lambda lv: lv.output_tokens_per_s, True),
@@ -60,6 +72,7 @@ class Target:
     levels: list[load.LevelResult] = field(default_factory=list)
     ceiling_args: str | None = None  # runner_ceiling.py ARGS from --ceiling; None: no ceiling column
     ceiling: dict[int, float] = field(default_factory=dict)  # batch -> model runner tokens/s
+    extra_body: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # the whole target failed (server did not start, warm-up failed, ...)
 
 
@@ -76,6 +89,8 @@ def start_command(kind: str, arg_string: str) -> tuple[list[str], str]:
         raise SystemExit(f"--start-{kind}: only 127.0.0.1 is supported, got --host {known.host}")
     if kind == "aserve":
         cmd = [sys.executable, "-m", "aserve", "serve", *extra]
+    elif kind == "llamacpp":
+        cmd = extra  # the binary's path, then its arguments
     else:
         cmd = [sys.executable, str(BENCH_DIR / "baseline_server.py"), *extra]
     return cmd, f"http://127.0.0.1:{known.port}"
@@ -141,6 +156,7 @@ async def sweep_target(target: Target, args: argparse.Namespace) -> None:
 
     largs = argparse.Namespace(**vars(args))
     largs.url = target.url
+    largs.extra_body = target.extra_body
     total = args.warmup + sum(load.level_requests(n, args.requests) for n in args.concurrency)
     connector = aiohttp.TCPConnector(limit=0)  # as load.py: no pool cap on the concurrency
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
@@ -340,6 +356,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                         "concurrency as batch size, and report target NAME's out_tok/s as a fraction of it")
     p.add_argument("--start-baseline", metavar="ARGS", default=None,
                    help="start `bench/baseline_server.py ARGS` as target 'baseline' (default port 8001)")
+    p.add_argument("--start-llamacpp", metavar="PATH ARGS", default=None,
+                   help="start llama.cpp's server (binary PATH, then its arguments) as target 'llama.cpp' "
+                        "(default port 8080); requests to it carry cache_prompt: false")
     p.add_argument("--baseline", metavar="NAME", default=None,
                    help="target the others are divided by (default: 'baseline' if present, else the first)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64], metavar="N")
@@ -365,10 +384,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         if not sep or not name:
             p.error(f"--start-aserve-as {spec!r}: expected NAME=ARGS")
         starts.append((name, "aserve", arg_string))
-    for name, kind, arg_string in starts + [("baseline", "baseline", args.start_baseline)]:
+    for name, kind, arg_string in starts + [("llama.cpp", "llamacpp", args.start_llamacpp),
+                                            ("baseline", "baseline", args.start_baseline)]:
         if arg_string is not None:
             cmd, url = start_command(kind, arg_string)
-            targets.append(Target(name, url, cmd))
+            targets.append(Target(name, url, cmd, extra_body=EXTRA_BODY.get(kind, {})))
     names = [t.name for t in targets]
     if not targets:
         p.error("give at least one --target NAME=URL or --start-aserve/--start-baseline")

@@ -286,6 +286,25 @@ async def test_non_stream_chat_returns_a_valid_completion_with_consistent_usage(
                              "total_tokens": expected_prompt + 5, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
+async def test_only_requests_with_the_same_cache_salt_share_cached_prompt_blocks(server, client):
+    messages = [{"role": "user", "content": "salted " * 40}]  # several full blocks
+
+    async def cached(**salt) -> int:
+        body = await chat(client, server, messages=messages, max_tokens=1, temperature=0, **salt)
+        return body["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert await cached(cache_salt="tenant-a") == 0
+    assert await cached(cache_salt="tenant-b") == 0  # the same prompt, another salt: nothing shared
+    assert await cached() == 0  # no salt is a salt of its own
+    assert await cached(cache_salt="tenant-a") > 0
+
+
+async def test_an_empty_cache_salt_is_a_400(server, client):
+    reply = await post(client, server.url, {"messages": HELLO, "cache_salt": ""})
+    assert reply.status == 400
+    assert reply.body["error"]["param"] == "cache_salt"
+
+
 # ---------------------------------------------------------------------------- streaming
 
 

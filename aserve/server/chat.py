@@ -85,7 +85,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     n = req.n or 1
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     with state.admit(n, request_id(request), rid) as record:
-        outputs = generation.start(state, rid, [prompt_ids], params, n, grammar, record)
+        outputs = generation.start(state, rid, [prompt_ids], params, n, grammar, record, req.cache_salt)
         reply = _Reply(state, req, rid, int(time.time()))
         if req.stream:
             return await reply.stream(request, outputs, n, record)

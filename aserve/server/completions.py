@@ -50,7 +50,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     echoes = [await state.decode(p) for p in prompts] if req.echo else None
     rid = f"cmpl-{uuid.uuid4().hex}"
     with state.admit(n * len(prompts), request_id(request), rid) as record:
-        outputs = generation.start(state, rid, prompts, params, n, grammar, record)
+        outputs = generation.start(state, rid, prompts, params, n, grammar, record, req.cache_salt)
         reply = _Reply(state, req, rid, int(time.time()), prompts, echoes, n)
         if req.stream:
             return await reply.stream(request, outputs, record)

@@ -113,6 +113,9 @@ class _GenerationRequest(_Lenient):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # vLLM extension
     response_format: ResponseFormat | None = None
     user: str | None = None  # accepted and ignored, as by vLLM
+    # vLLM extension: mixed into the prefix cache's block names, so that only requests with the
+    # same salt share cached KV (another tenant cannot probe for a prompt by its TTFT).
+    cache_salt: Annotated[str | None, Field(min_length=1, max_length=1024)] = None
 
     @property
     def requested_max_tokens(self) -> int | None:
