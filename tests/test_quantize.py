@@ -13,10 +13,10 @@ from aserve.engine.kv_cache import KVCache
 from aserve.engine.model_runner import ModelRunner
 from aserve.engine.scheduler import ScheduledSeq
 from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
-from aserve.models.gguf import Int4Groups, decode_int4, unpermute_rope_rows
+from aserve.models.gguf import Int4Groups, decode_int4, decode_int8, unpermute_rope_rows
 from aserve.models.loader import load_model, resolve_dtype
 from aserve.models import quantize as quant
-from aserve.models.quantize import Int4Linear, Int8Linear, quantize_int4
+from aserve.models.quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 from aserve.models.store import GGUF_NAME
 
 BLOCK_BYTES = {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q4_K: 144}
@@ -73,17 +73,40 @@ def test_int4_linear_computes_x_times_its_dequantized_weight():
     torch.testing.assert_close(layer(x).float(), reference, atol=0.05 * reference.abs().max().item(), rtol=0)
 
 
-def test_int8_linear_keeps_each_weight_within_half_of_its_rows_step():
-    w = torch.randn(32, 64)
-    buffers = Int8Linear.buffers_from(w)
-    dequantized = buffers["weight_int8"].float() * buffers["scales"].unsqueeze(1)
-    assert bool(((dequantized - w).abs() <= buffers["scales"].unsqueeze(1) / 2 + 1e-6).all())
-    layer = Int8Linear(64, 32, bias=True)
-    layer.load_state_dict({**buffers, "bias": torch.arange(32.0)})
-    layer.to(torch.bfloat16)
-    x = torch.randn(3, 64).bfloat16()
-    reference = x.float() @ dequantized.t() + torch.arange(32.0)
-    torch.testing.assert_close(layer(x).float(), reference, atol=0.05 * reference.abs().max().item(), rtol=0)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q6_K])
+def test_8bit_group_gguf_blocks_decode_to_exactly_what_gguf_dequantizes(qtype):
+    rng = np.random.default_rng(1)
+    if qtype == Q.Q8_0:
+        blocks = quantize(rng.standard_normal((4, 256)).astype(np.float32), qtype)
+    else:  # random 6-bit values and int8 sub-scales, a sane float16 d at the end of each block
+        blocks = rng.integers(0, 256, size=(4, 1, 210), dtype=np.uint8)
+        blocks[..., 208:210] = np.full((4, 1, 1), 0.01, np.float16).view(np.uint8)
+        blocks = blocks.reshape(4, -1)
+    groups = decode_int8(qtype, blocks, rows=4)
+    reference = torch.from_numpy(dequantize(blocks, qtype)).reshape(4, 256)
+    assert groups.group == {Q.Q8_0: 32, Q.Q6_K: 16}[qtype]
+    assert torch.equal(groups.dequantize(), reference)
+
+
+def test_round_to_nearest_int8_groups_are_within_half_a_step_of_every_weight():
+    w = torch.randn(16, 128)
+    groups = quantize_int8(w, 32)
+    step = groups.scales.repeat_interleave(32, dim=1)
+    assert bool(((groups.dequantize() - w).abs() <= step / 2 + 1e-6).all())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])  # the kernel takes up to 8 rows of x per pass
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_group_linear_computes_x_times_its_dequantized_weight(rows, dtype):
+    groups = quantize_int8(torch.randn(40, 96), group=16)
+    layer = Int8Linear(96, 40, bias=True, group=16)
+    layer.load_state_dict({**Int8Linear.buffers_from(groups), "bias": torch.arange(40.0)})
+    layer.to(dtype)
+    layer.scales = layer.scales.float()
+    x = torch.randn(rows, 96).to(dtype)
+    reference = x.float() @ groups.dequantize().t() + torch.arange(40.0)
+    tolerance = 1e-4 if dtype == torch.float32 else 0.02
+    torch.testing.assert_close(layer(x).float(), reference, atol=tolerance * reference.abs().max().item(), rtol=0)
 
 
 def _logits(path, dtype: str, quantization: str, prompt: list[int]) -> tuple[torch.Tensor, dict[str, int]]:
@@ -194,8 +217,8 @@ def _int4_layer(n: int = 48, k: int = 96) -> Int4Linear:
 def test_a_dense_copy_is_the_kernels_own_weight_and_serves_only_large_batches(monkeypatch):
     layer = _int4_layer()
     model = torch.nn.Sequential(layer)
-    monkeypatch.setattr(quant, "crossover", lambda layer: 8)  # the timing itself varies by machine
-    assert "for batches of 8+ rows" in quant.add_dense_copies(model, budget_bytes=1 << 20)
+    monkeypatch.setattr(quant, "crossover", lambda layer, dtype: 8)  # the timing itself varies by machine
+    assert "for batches of 8+ rows" in quant.add_dense_copies(model, 1 << 20, torch.bfloat16)
     calls = []
     monkeypatch.setattr(layer, "quantized", lambda x: calls.append(x.shape[0]) or Int4Linear.quantized(layer, x))
     small, large = torch.randn(7, 96).bfloat16(), torch.randn(8, 96).bfloat16()
@@ -208,5 +231,5 @@ def test_a_dense_copy_is_the_kernels_own_weight_and_serves_only_large_batches(mo
 
 def test_no_dense_copies_when_they_would_not_fit_the_budget():
     layer = _int4_layer()
-    note = quant.add_dense_copies(torch.nn.Sequential(layer), budget_bytes=48 * 96 * 2 - 1)
+    note = quant.add_dense_copies(torch.nn.Sequential(layer), 48 * 96 * 2 - 1, torch.bfloat16)
     assert "no dense copies" in note and layer.dense is None

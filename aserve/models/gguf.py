@@ -9,8 +9,11 @@ itself, so a 4-bit model stays 4-bit in memory. Each tensor becomes either
   Q4_0 (w = (q - 8) * d), Q4_1 (w = q * d + m) and Q4_K (w = d * sc * q - dmin * m per
   32-weight sub-block) map onto it without loss; the scales are exact in float32 and are
   rounded once more to the activation dtype at load (bfloat16 keeps 8 of float16's 11 bits).
-- a dense float32 matrix, for every other type (Q8_0, Q6_K, Q5_*, F16, ...), decoded by the
-  `gguf` package's own reference dequantizers; quantize.py decides how to store it.
+- `Int8Groups`: int8 values with a float32 scale per group along a row, w = q * scale: Q8_0
+  (groups of 32) and Q6_K (groups of 16; its 6-bit values and 8-bit sub-scales fit) map onto
+  it without loss, the scales included (d * sc needs 19 of float32's 24 bits).
+- a dense float32 matrix, for every other type (Q5_*, Q2_K, F16, ...), decoded by the `gguf`
+  package's own reference dequantizers; quantize.py decides how to store it.
 
 The block layouts decoded here are gguf-py's (`gguf.quants`), which also supplies Q4_K's
 6-bit scale unpacking; tests compare every mapping with its reference dequantizer.
@@ -39,9 +42,24 @@ class Int4Groups:
         return (groups * self.scales.unsqueeze(-1) + self.zeros.unsqueeze(-1)).view(self.q.shape)
 
 
-GGUFWeight = Int4Groups | torch.Tensor  # a dense weight is a float32 [N, K] tensor
+@dataclass(slots=True)
+class Int8Groups:
+    q: torch.Tensor  # int8 [N, K]
+    scales: torch.Tensor  # float32 [N, K // group]
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[1] // self.scales.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        return (self.q.view(n, -1, self.group).float() * self.scales.unsqueeze(-1)).view(n, k)
+
+
+GGUFWeight = Int4Groups | Int8Groups | torch.Tensor  # a dense weight is a float32 [N, K] tensor
 
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
+INT8_GROUPS = {Q.Q8_0: 32, Q.Q6_K: 16}  # the types Int8Groups holds exactly, and their group sizes
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -82,6 +100,25 @@ def decode_int4(qtype: Q, blocks: np.ndarray, rows: int) -> Int4Groups:
                       torch.from_numpy(np.ascontiguousarray(zero, dtype=np.float32)))
 
 
+def decode_int8(qtype: Q, blocks: np.ndarray, rows: int) -> Int8Groups:
+    """blocks: uint8 [rows, bytes per row] of Q8_0 or Q6_K."""
+    if qtype == Q.Q8_0:
+        b = blocks.reshape(rows, -1, 34)  # d (float16), then 32 int8 values
+        scales = _f16(np.ascontiguousarray(b[..., :2]))[..., 0]
+        q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, -1)
+    elif qtype == Q.Q6_K:
+        b = blocks.reshape(-1, 210)  # 256 weights: 128 + 64 bytes of 6-bit values, 16 int8 scales, d
+        scales = (_f16(np.ascontiguousarray(b[:, 208:210])) * b[:, 192:208].view(np.int8).astype(np.float32))
+        dense = dequantize(blocks, qtype).reshape(-1, 16, 16)  # = d * sc * q, exact in float32
+        safe = np.where(scales == 0, 1, scales)[..., None]
+        q = np.rint(dense / safe).astype(np.int8).reshape(rows, -1)
+        scales = scales.reshape(rows, -1)
+    else:
+        raise ValueError(f"{qtype.name} is not an 8-bit group type")
+    return Int8Groups(torch.from_numpy(np.ascontiguousarray(q)),
+                      torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)))
+
+
 def unpermute_rope_rows(w: GGUFWeight, heads: int) -> GGUFWeight:
     """llama.cpp's converter reorders the rows of Q and K from rotate-half to interleaved RoPE
     (convert_hf_to_gguf.py `permute`); undo it. Rows are whole output channels, so the
@@ -91,6 +128,8 @@ def unpermute_rope_rows(w: GGUFWeight, heads: int) -> GGUFWeight:
         return t.reshape(heads, n // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
     if isinstance(w, Int4Groups):
         return Int4Groups(rows(w.q), rows(w.scales), rows(w.zeros))
+    if isinstance(w, Int8Groups):
+        return Int8Groups(rows(w.q), rows(w.scales))
     return rows(w)
 
 
@@ -108,6 +147,8 @@ class GGUFWeights:
         rows = int(t.shape[-1])  # GGUF lists dims innermost first: [K, N]
         if t.tensor_type in INT4_TYPES:
             w: GGUFWeight = decode_int4(t.tensor_type, np.asarray(t.data), rows)
+        elif t.tensor_type in INT8_GROUPS:
+            w = decode_int8(t.tensor_type, np.asarray(t.data), rows)
         else:
             w = torch.from_numpy(np.ascontiguousarray(dequantize(np.asarray(t.data), t.tensor_type),
                                                       dtype=np.float32)).reshape(rows, -1)

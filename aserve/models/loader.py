@@ -167,6 +167,8 @@ def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.float()  # norm weights stay float32: the norms compute in float32
+        elif isinstance(module, quantize.Int8Linear):
+            module.scales = module.scales.float()  # GGUF's float16 scales lose bits in bfloat16
     if tensors is None:
         generator = torch.Generator().manual_seed(0)
         state = quantize.quantized_state(kinds, None, None, generator, model)
@@ -184,7 +186,7 @@ def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
     if quantization == "fp16":
         quantize.fp16_dynamic(model, torch_device)
     pack_linears(model)  # what is left in float32 on CPU
-    dense_copies = quantize.add_dense_copies(model, dense_copy_memory)
+    dense_copies = quantize.add_dense_copies(model, dense_copy_memory, torch_dtype)
     return LoadedModel(model, args, max_len, _eos_ids(path, config), torch_dtype, torch_device,
                        dtype_reason, quantize.count(model), dense_copies)
 

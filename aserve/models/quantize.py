@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aserve.models.gguf import GROUP, GGUFWeight, GGUFWeights, Int4Groups
+from aserve.models import cpu_kernels
+from aserve.models.gguf import GROUP, GGUFWeight, GGUFWeights, Int4Groups, Int8Groups
 from aserve.models.onednn_linear import OneDNNLinear
 
 log = logging.getLogger("aserve.loader")
@@ -50,12 +51,9 @@ class _WeightOnly(nn.Module):
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         # The kernel's own dequantization, read back through an identity: exact, whatever the layout.
-        return self.quantized(torch.eye(self.in_features, dtype=self._dtype())).t().contiguous()
-
-    def _dtype(self) -> torch.dtype:
-        raise NotImplementedError
+        return self.quantized(torch.eye(self.in_features, dtype=dtype)).t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] >= self.dense_from:
@@ -84,37 +82,49 @@ class Int4Linear(_WeightOnly):
         return {"packed": packed,
                 "scales_and_zeros": torch.stack([groups.scales.t(), groups.zeros.t()], dim=-1).contiguous()}
 
-    def _dtype(self) -> torch.dtype:
-        return self.scales_and_zeros.dtype
-
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
 
 
 class Int8Linear(_WeightOnly):
-    """y = x W^T (+ b) with W held as int8 and one scale per output channel."""
+    """y = x W^T (+ b) with W held as int8 and a float32 scale per `group` weights of a row
+    (GGUF's Q8_0 and Q6_K as stored), through aserve's own CPU kernel (csrc/int8_groups.cpp):
+    torch's int8 weight-only kernel takes one scale per row only."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, group: int = 32) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.group = in_features, out_features, group
         self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(out_features))
+        # float32 whatever the model's dtype: the loader keeps it so (float16 scales in bfloat16 lose bits)
+        self.register_buffer("scales", torch.empty(out_features, in_features // group))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     @staticmethod
-    def buffers_from(dense: torch.Tensor) -> dict[str, torch.Tensor]:
-        scales = dense.abs().amax(dim=1).clamp(min=1e-12) / 127
-        q = torch.round(dense / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
-        return {"weight_int8": q, "scales": scales}
+    def fits(in_features: int, group: int) -> bool:
+        return in_features % group == 0 and group % 16 == 0
 
-    def _dtype(self) -> torch.dtype:
-        return self.scales.dtype
+    @staticmethod
+    def buffers_from(groups: Int8Groups) -> dict[str, torch.Tensor]:
+        return {"weight_int8": groups.q, "scales": groups.scales}
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
+        return cpu_kernels.load().int8_group_mm(x, self.weight_int8, self.scales, self.group)
 
 
-QUANTIZED = {"int4": Int4Linear, "int8": Int8Linear}
+def new_linear(kind: str, in_features: int, out_features: int, bias: bool) -> _WeightOnly:
+    """kind: "int4", or "int8:G" (groups of G)."""
+    if kind == "int4":
+        return Int4Linear(in_features, out_features, bias)
+    return Int8Linear(in_features, out_features, bias, group=int(kind.split(":")[1]))
+
+
+def quantize_int8(dense: torch.Tensor, group: int = 32) -> Int8Groups:
+    """Round-to-nearest int8 groups with a scale each (a GGUF Q8_0's recipe)."""
+    n, k = dense.shape
+    groups = dense.float().view(n, k // group, group)
+    scales = groups.abs().amax(-1) / 127
+    q = torch.round(groups / scales.clamp(min=1e-30).unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return Int8Groups(q.view(n, k), scales)
 
 
 def quantize_int4(dense: torch.Tensor) -> Int4Groups:
@@ -135,10 +145,13 @@ def random_int4(n: int, k: int, std: float, generator: torch.Generator) -> Int4G
 
 
 def merge(parts: list[GGUFWeight]) -> GGUFWeight:
-    """One weight for a fused layer (q/k/v, gate/up): 4-bit if every part is, else dense."""
+    """One weight for a fused layer (q/k/v, gate/up): 4-bit if every part is, int8 groups if
+    every part has the same, else dense."""
     if all(isinstance(p, Int4Groups) for p in parts):
         return Int4Groups(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scales", "zeros")))
-    return torch.cat([p.dequantize() if isinstance(p, Int4Groups) else p for p in parts])
+    if all(isinstance(p, Int8Groups) for p in parts) and len({p.group for p in parts}) == 1:
+        return Int8Groups(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]))
+    return torch.cat([p if isinstance(p, torch.Tensor) else p.dequantize() for p in parts])
 
 
 def plan(model: nn.Module, mode: str, dtype: torch.dtype, device: torch.device,
@@ -154,20 +167,24 @@ def plan(model: nn.Module, mode: str, dtype: torch.dtype, device: torch.device,
             raise ValueError("quantization 'int4' runs on CPU only for now; use dtype bfloat16 on "
                              f"{device.type}")
         return {}
+    int8_ok = cpu_kernels.kernel_available()  # without the kernel an 8-bit layer stays dense
     kinds = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         if mode == "int4":
-            kind = "int4"
+            types = ["int4"]
         else:
             types = gguf.part_types(name)
             if types is None or all(t in ("F32", "F16", "BF16") for t in types):
                 continue
-            kind = "int4" if all(t in ("Q4_0", "Q4_1", "Q4_K") for t in types) else "int8"
-        if kind == "int4" and not Int4Linear.fits(module.in_features, module.out_features):
-            kind = "int8"
-        kinds[name] = kind
+        if all(t in ("int4", "Q4_0", "Q4_1", "Q4_K") for t in types) and Int4Linear.fits(module.in_features,
+                                                                                         module.out_features):
+            kinds[name] = "int4"
+        elif int8_ok:
+            group = 16 if set(types) == {"Q6_K"} else 32  # the file's own groups; otherwise Q8_0's
+            if Int8Linear.fits(module.in_features, group):
+                kinds[name] = f"int8:{group}"
     return kinds
 
 
@@ -175,7 +192,7 @@ def swap_linears(model: nn.Module, kinds: dict[str, str]) -> None:
     """Replaces the planned nn.Linear modules (of a model still on the meta device)."""
     for name, kind in kinds.items():
         old = model.get_submodule(name)
-        model.set_submodule(name, QUANTIZED[kind](old.in_features, old.out_features, old.bias is not None))
+        model.set_submodule(name, new_linear(kind, old.in_features, old.out_features, old.bias is not None))
 
 
 def quantized_state(kinds: dict[str, str], state: dict[str, torch.Tensor] | None, gguf: GGUFWeights | None,
@@ -196,10 +213,13 @@ def quantized_state(kinds: dict[str, str], state: dict[str, torch.Tensor] | None
             assert generator is not None
             weight = random_int4(module.out_features, module.in_features, 0.02, generator)
         if kind == "int4":
-            groups = weight if isinstance(weight, Int4Groups) else quantize_int4(weight)
+            groups = weight if isinstance(weight, Int4Groups) else quantize_int4(
+                weight if isinstance(weight, torch.Tensor) else weight.dequantize())
             buffers = Int4Linear.buffers_from(groups)
         else:
-            buffers = Int8Linear.buffers_from(weight.dequantize() if isinstance(weight, Int4Groups) else weight)
+            exact = isinstance(weight, Int8Groups) and weight.group == module.group
+            dense = weight if isinstance(weight, torch.Tensor) else weight.dequantize()
+            buffers = Int8Linear.buffers_from(weight if exact else quantize_int8(dense, module.group))
         out.update({f"{name}.{k}": v for k, v in buffers.items()})
     return out
 
@@ -249,10 +269,10 @@ def _seconds(fn: Callable[[], torch.Tensor], repeat: int = 7) -> float:
 
 
 @torch.inference_mode()
-def crossover(layer: _WeightOnly, rows: tuple[int, ...] = (2, 4, 8, 16, 32, 64)) -> int | None:
+def crossover(layer: _WeightOnly, dtype: torch.dtype, rows: tuple[int, ...] = (2, 4, 8, 16, 32, 64)) -> int | None:
     """The fewest rows of x at which a dense copy of `layer` multiplies faster than its
     quantized kernel, timed here (it differs between CPUs); None if it never does."""
-    dense = layer.dequantized()
+    dense = layer.dequantized(dtype)
     for m in rows:
         x = torch.randn(m, layer.in_features, dtype=dense.dtype)
         if _seconds(lambda: F.linear(x, dense)) < _seconds(lambda: layer.quantized(x)):
@@ -260,24 +280,24 @@ def crossover(layer: _WeightOnly, rows: tuple[int, ...] = (2, 4, 8, 16, 32, 64))
     return None
 
 
-def add_dense_copies(model: nn.Module, budget_bytes: int) -> str:
+def add_dense_copies(model: nn.Module, budget_bytes: int, dtype: torch.dtype) -> str:
     """Gives the quantized linears dense copies for large batches, if they all fit in
     `budget_bytes`: the small-batch decode keeps the 4-bit read, the large batch the faster
     dense matmul. Returns what was done, for the start-up log."""
     layers = [m for m in model.modules() if isinstance(m, _WeightOnly)]
     if not layers:
         return "no quantized layers"
-    size = sum(m.in_features * m.out_features for m in layers) * layers[0]._dtype().itemsize
+    size = sum(m.in_features * m.out_features for m in layers) * dtype.itemsize
     if size > budget_bytes:
         return f"no dense copies for large batches ({size / 2**30:.2f} GiB would exceed dense_copy_memory)"
     thresholds = {}
     for kind in (Int4Linear, Int8Linear):
         of_kind = [m for m in layers if type(m) is kind]
         if of_kind:  # timed on the largest layer of each kind
-            thresholds[kind] = crossover(max(of_kind, key=lambda m: m.in_features * m.out_features))
+            thresholds[kind] = crossover(max(of_kind, key=lambda m: m.in_features * m.out_features), dtype)
     for m in layers:
         if (rows := thresholds[type(m)]) is not None:
-            m.dense, m.dense_from = m.dequantized(), rows
+            m.dense, m.dense_from = m.dequantized(dtype), rows
     return "dense copies ({:.2f} GiB) for batches of {}".format(
         size / 2**30, ", ".join(f"{rows}+ rows ({kind.__name__})" if rows else f"no rows ({kind.__name__})"
                                 for kind, rows in thresholds.items()))

@@ -20,4 +20,7 @@ void rope_store(const at::Tensor& qkv, const at::Tensor& positions, const at::Te
                 const at::Tensor& v_cache, const at::Tensor& token_blocks, const at::Tensor& token_offsets);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 
+// int8_groups.cpp: x [M, K] times int8 weights [N, K] with float32 scales [N, K / group]
+at::Tensor int8_group_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t group);
+
 }  // namespace aserve
