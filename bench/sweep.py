@@ -73,6 +73,9 @@ class Target:
     ceiling_args: str | None = None  # runner_ceiling.py ARGS from --ceiling; None: no ceiling column
     ceiling: dict[int, float] = field(default_factory=dict)  # batch -> model runner tokens/s
     extra_body: dict[str, Any] = field(default_factory=dict)
+    # A new connection per request: llama.cpp's HTTP server closes kept-alive connections after
+    # a few requests, and a request sent on one it has just closed fails before it is read.
+    force_close: bool = False
     error: str | None = None  # the whole target failed (server did not start, warm-up failed, ...)
 
 
@@ -158,7 +161,7 @@ async def sweep_target(target: Target, args: argparse.Namespace) -> None:
     largs.url = target.url
     largs.extra_body = target.extra_body
     total = args.warmup + sum(load.level_requests(n, args.requests) for n in args.concurrency)
-    connector = aiohttp.TCPConnector(limit=0)  # as load.py: no pool cap on the concurrency
+    connector = aiohttp.TCPConnector(limit=0, force_close=target.force_close)  # no pool cap, as load.py
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         target.model = args.model or await load.discover_model(session, target.url)
         with tqdm(total=total, desc=f"{target.name} warm-up", unit="req", file=sys.stderr,
@@ -388,7 +391,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                                             ("baseline", "baseline", args.start_baseline)]:
         if arg_string is not None:
             cmd, url = start_command(kind, arg_string)
-            targets.append(Target(name, url, cmd, extra_body=EXTRA_BODY.get(kind, {})))
+            targets.append(Target(name, url, cmd, extra_body=EXTRA_BODY.get(kind, {}), force_close=kind == "llamacpp"))
     names = [t.name for t in targets]
     if not targets:
         p.error("give at least one --target NAME=URL or --start-aserve/--start-baseline")

@@ -93,8 +93,14 @@ def _build() -> ModuleType | None:
         lock = build_dir / "lock"
         if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
             lock.unlink(missing_ok=True)
-        return build(name=name, sources=[str(f) for f in _SOURCES], extra_cflags=cflags, extra_ldflags=ldflags,
-                    build_directory=str(build_dir), verbose=False)
+        cached = any(build_dir.glob("*.so"))
+        if not cached:
+            log.info("building the CPU kernels for this CPU (once; about a minute on 2 cores) in %s", build_dir)
+        start = time.monotonic()
+        module = build(name=name, sources=[str(f) for f in _SOURCES], extra_cflags=cflags, extra_ldflags=ldflags,
+                       build_directory=str(build_dir), verbose=False)
+        log.info("CPU kernels %s in %.1f s", "loaded" if cached else "built", time.monotonic() - start)
+        return module
     except Exception as exc:  # a missing compiler or ninja, a compile error, a bad cache...
         log.warning("CPU kernels unavailable, using the torch path: %s", _reason(exc))
         return None
