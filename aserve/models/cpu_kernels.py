@@ -99,7 +99,7 @@ def _build() -> ModuleType | None:
         start = time.monotonic()
         module = build(name=name, sources=[str(f) for f in _SOURCES], extra_cflags=cflags, extra_ldflags=ldflags,
                        build_directory=str(build_dir), verbose=False)
-        log.info("CPU kernels %s in %.1f s", "loaded" if cached else "built", time.monotonic() - start)
+        log.info("CPU kernels ready in %.1f s", time.monotonic() - start)
         return module
     except Exception as exc:  # a missing compiler or ninja, a compile error, a bad cache...
         log.warning("CPU kernels unavailable, using the torch path: %s", _reason(exc))

@@ -171,14 +171,17 @@ def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
             module.scales = module.scales.float()  # GGUF's float16 scales lose bits in bfloat16
     if tensors is None:
         generator = torch.Generator().manual_seed(0)
-        state = quantize.quantized_state(kinds, None, None, generator, model)
-        _init_random(model, skip=set(state))
-        model.load_state_dict(state, strict=False)
+        quantize.fill_quantized(kinds, None, None, generator, model)
+        _init_random(model)
     else:
         dense = _fused_state_dict(tensors, args)
         del tensors
-        dense.update(quantize.quantized_state(kinds, dense, gguf, None, model))
-        model.load_state_dict(dense, strict=True)
+        quantize.fill_quantized(kinds, dense, gguf, None, model)
+        missing, unexpected = model.load_state_dict(dense, strict=False)
+        filled = {f"{name}.{key}" for name in kinds for key, _ in model.get_submodule(name).named_buffers()}
+        if unexpected or set(missing) - filled:
+            raise UnsupportedModelError(f"{path}: weights do not match the model: missing "
+                                        f"{sorted(set(missing) - filled)[:5]}, unexpected {unexpected[:5]}")
         del dense  # the checkpoint's copy: free it before packing or quantizing makes more
     inv_freq, rope_scaling = _rope_inv_freq(config, head_dim)
     model.set_rope(*(t.to(torch_device) for t in rope_tables(inv_freq, rope_scaling, max_len)))
@@ -192,11 +195,9 @@ def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
 
 
 @torch.no_grad()
-def _init_random(model: LlamaModel, skip: set[str], seed: int = 0) -> None:
+def _init_random(model: LlamaModel, seed: int = 0) -> None:
     generator = torch.Generator(model.embed_tokens.weight.device).manual_seed(seed)
     for name, param in model.named_parameters():
-        if name in skip:
-            continue
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         elif name.endswith(".bias"):

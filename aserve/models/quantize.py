@@ -195,11 +195,12 @@ def swap_linears(model: nn.Module, kinds: dict[str, str]) -> None:
         model.set_submodule(name, new_linear(kind, old.in_features, old.out_features, old.bias is not None))
 
 
-def quantized_state(kinds: dict[str, str], state: dict[str, torch.Tensor] | None, gguf: GGUFWeights | None,
-                    generator: torch.Generator | None, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The buffers of every planned module, from the GGUF's own tensors where it has them, else
-    from the dense weight in `state` (which loses it), else random (`state` is None)."""
-    out: dict[str, torch.Tensor] = {}
+def fill_quantized(kinds: dict[str, str], state: dict[str, torch.Tensor] | None, gguf: GGUFWeights | None,
+                   generator: torch.Generator | None, model: nn.Module) -> None:
+    """Sets the buffers of every planned module, from the GGUF's own tensors where it has them,
+    else from the dense weight in `state` (which loses it), else random (`state` is None).
+    Layer by layer, each buffer replacing the untouched empty one: a 7B model's 4-bit weights
+    are never held twice."""
     for name, kind in kinds.items():
         module = model.get_submodule(name)
         parts = gguf.linear(name) if gguf is not None else None
@@ -220,8 +221,8 @@ def quantized_state(kinds: dict[str, str], state: dict[str, torch.Tensor] | None
             exact = isinstance(weight, Int8Groups) and weight.group == module.group
             dense = weight if isinstance(weight, torch.Tensor) else weight.dequantize()
             buffers = Int8Linear.buffers_from(weight if exact else quantize_int8(dense, module.group))
-        out.update({f"{name}.{k}": v for k, v in buffers.items()})
-    return out
+        for key, value in buffers.items():
+            setattr(module, key, value.to(getattr(module, key).dtype))  # the dtype the loader gave it
 
 
 def fp16_dynamic(model: nn.Module, device: torch.device) -> None:
