@@ -225,7 +225,7 @@ def test_a_dense_copy_is_the_kernels_own_weight_and_serves_only_large_batches(mo
     layer(small), layer(large)
     assert calls == [7]
     expected = Int4Linear.quantized(layer, large).float()  # the same weights; bfloat16 sums in another order
-    torch.testing.assert_close(torch.nn.functional.linear(large, layer.dense).float(), expected,
+    torch.testing.assert_close(layer.dense(large).float(), expected,
                                atol=0.02 * expected.abs().max().item(), rtol=0)
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from aserve.models import cpu_kernels
 from aserve.models.gguf import GROUP, GGUFWeight, GGUFWeights, Int4Groups, Int8Groups
-from aserve.models.onednn_linear import OneDNNLinear
+from aserve.models.onednn_linear import OneDNNLinear, onednn_available
 
 log = logging.getLogger("aserve.loader")
 
@@ -45,7 +45,7 @@ class _WeightOnly(nn.Module):
     so past a few rows a dense matmul is faster: `dense`, when set (`add_dense_copies`), is
     a copy in the activation dtype that batches of `dense_from` rows or more use instead."""
 
-    dense: torch.Tensor | None = None
+    dense: nn.Module | None = None  # a linear without a bias; a plain attribute, not a submodule
     dense_from = 1 << 30
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,9 +56,7 @@ class _WeightOnly(nn.Module):
         return self.quantized(torch.eye(self.in_features, dtype=dtype)).t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] >= self.dense_from:
-            return F.linear(x, self.dense, self.bias)
-        y = self.quantized(x)
+        y = self.dense(x) if self.dense is not None and x.shape[0] >= self.dense_from else self.quantized(x)
         return y if self.bias is None else y + self.bias
 
 
@@ -273,12 +271,20 @@ def _seconds(fn: Callable[[], torch.Tensor], repeat: int = 7) -> float:
 def crossover(layer: _WeightOnly, dtype: torch.dtype, rows: tuple[int, ...] = (2, 4, 8, 16, 32, 64)) -> int | None:
     """The fewest rows of x at which a dense copy of `layer` multiplies faster than its
     quantized kernel, timed here (it differs between CPUs); None if it never does."""
-    dense = layer.dequantized(dtype)
+    dense = dense_linear(layer.dequantized(dtype))
     for m in rows:
-        x = torch.randn(m, layer.in_features, dtype=dense.dtype)
-        if _seconds(lambda: F.linear(x, dense)) < _seconds(lambda: layer.quantized(x)):
+        x = torch.randn(m, layer.in_features, dtype=dtype)
+        if _seconds(lambda: dense(x)) < _seconds(lambda: layer.quantized(x)):
             return m
     return None
+
+
+def dense_linear(weight: torch.Tensor) -> nn.Module:
+    """A bias-free linear of `weight`, prepacked for oneDNN where it can be: for bfloat16 at
+    8-64 rows that was 1.1-2x faster than F.linear, which reorders the weight every call."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return OneDNNLinear(linear) if onednn_available() and weight.device.type == "cpu" else linear
 
 
 def add_dense_copies(model: nn.Module, budget_bytes: int, dtype: torch.dtype) -> str:
@@ -298,7 +304,9 @@ def add_dense_copies(model: nn.Module, budget_bytes: int, dtype: torch.dtype) ->
             thresholds[kind] = crossover(max(of_kind, key=lambda m: m.in_features * m.out_features), dtype)
     for m in layers:
         if (rows := thresholds[type(m)]) is not None:
-            m.dense, m.dense_from = m.dequantized(dtype), rows
+            # object.__setattr__: a plain attribute, so state_dict and .to() leave it alone
+            object.__setattr__(m, "dense", dense_linear(m.dequantized(dtype)))
+            m.dense_from = rows
     return "dense copies ({:.2f} GiB) for batches of {}".format(
         size / 2**30, ", ".join(f"{rows}+ rows ({kind.__name__})" if rows else f"no rows ({kind.__name__})"
                                 for kind, rows in thresholds.items()))
