@@ -128,17 +128,22 @@ HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v"
             "ffn_down": "mlp.down_proj"}
 
 
+def _copy_without_weights(source, out) -> dict[str, torch.Tensor]:
+    """Copies a model directory but its weights, which it returns for the caller to rewrite."""
+    out.mkdir()
+    for f in source.iterdir():
+        if f.name != "model.safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    return load_file(source / "model.safetensors")
+
+
 @pytest.fixture
 def gguf_model_dir(tiny_llama_dir, tmp_path):
     """The tiny llama with its linears quantized the way llama.cpp writes them (q/k rows
     permuted; Q4_0, Q4_1 and Q8_0), as model.gguf beside safetensors holding exactly the
     de-quantized weights, as store.py leaves a converted GGUF."""
     out = tmp_path / "gguf-model"
-    out.mkdir()
-    for f in tiny_llama_dir.iterdir():
-        if f.name != "model.safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(tiny_llama_dir / "model.safetensors")
+    tensors = _copy_without_weights(tiny_llama_dir, out)
     writer = GGUFWriter(out / GGUF_NAME, "llama")
     heads = {"attn_q": 4, "attn_k": 2}
     for layer in range(2):
@@ -176,11 +181,7 @@ def test_float32_keeps_a_gguf_dense_because_the_kernels_need_half_precision(gguf
 def test_int4_mode_quantizes_every_linear_of_a_dense_model_round_to_nearest(tiny_llama_dir, tmp_path):
     # The reference: the same model with every linear weight replaced by its 4-bit rounding.
     rounded = tmp_path / "rounded"
-    rounded.mkdir()
-    for f in tiny_llama_dir.iterdir():
-        if f.name != "model.safetensors":
-            (rounded / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(tiny_llama_dir / "model.safetensors")
+    tensors = _copy_without_weights(tiny_llama_dir, rounded)
     for name, w in tensors.items():
         if w.dim() == 2 and "embed" not in name and "lm_head" not in name:  # a 500-row head: int8
             tensors[name] = quantize_int4(w).dequantize()

@@ -33,6 +33,13 @@ def no_conversion(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, Path, str
     return calls
 
 
+def gguf_file(tmp_path: Path) -> tuple[Path, str]:
+    """A file named .gguf (its content never read: conversion is faked) and its sha256."""
+    gguf = tmp_path / "my-model.gguf"
+    gguf.write_bytes(b"GGUF bytes")
+    return gguf, hashlib.sha256(b"GGUF bytes").hexdigest()
+
+
 def place_wheel(cache: Path, data: bytes, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Put a wheel in downloads/ and make its hash the expected one, so the checks after the hash are reached."""
     wheel = cache / "downloads" / store.DEFAULT_WHEEL
@@ -122,9 +129,7 @@ def test_complete_cached_default_model_is_returned_without_pip_or_conversion(
 def test_cached_dir_from_before_the_gguf_was_kept_is_converted_again(
     tmp_path: Path, no_conversion: list[tuple[Path, Path, str]]
 ) -> None:
-    gguf = tmp_path / "my-model.gguf"
-    gguf.write_bytes(b"GGUF bytes")
-    sha = hashlib.sha256(b"GGUF bytes").hexdigest()
+    gguf, sha = gguf_file(tmp_path)
     old = tmp_path / "cache" / f"gguf-{sha[:16]}"
     old.mkdir(parents=True)
     (old / "config.json").write_text("{}")
@@ -178,9 +183,7 @@ def test_verified_wheel_is_extracted_and_converted_into_the_default_dir(
 def test_gguf_file_is_converted_once_into_a_dir_named_by_its_hash(
     tmp_path: Path, no_conversion: list[tuple[Path, Path, str]]
 ) -> None:
-    gguf = tmp_path / "my-model.gguf"
-    gguf.write_bytes(b"GGUF bytes")
-    sha = hashlib.sha256(b"GGUF bytes").hexdigest()
+    gguf, sha = gguf_file(tmp_path)
     first = resolve_model(str(gguf), tmp_path / "cache")
     second = resolve_model(str(gguf), tmp_path / "cache")
     assert first == second == tmp_path / "cache" / f"gguf-{sha[:16]}"
