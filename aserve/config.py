@@ -40,6 +40,11 @@ class ModelConfig:
     # the weight-only kernel (the row count is timed at start), kept if they fit in this much.
     dense_copy_memory: str = "1GiB"
     chat_template: str | None = None  # a Jinja file that replaces the model's chat template
+    # LoRA adapters (vLLM's flags): PEFT directories served by name beside the base model.
+    enable_lora: bool = False
+    lora_modules: str | None = None  # "NAME=PATH,NAME=PATH"; each NAME is a model in /v1/models
+    max_loras: int = 4  # different adapters in one step; sequences of others wait
+    max_lora_rank: int = 16  # adapters of a higher rank are refused at start
     # auto: sampling defaults from the model's generation_config.json (as vLLM); none: OpenAI's defaults
     generation_config: str = "auto"
 

@@ -17,9 +17,11 @@ from aserve.engine.engine_loop import EngineLoop
 from aserve.engine.guided import GuidedDecoding
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.kv_cache import KVCache, parse_bytes
+from aserve.engine.lora_slots import AdapterSlots
 from aserve.engine.model_runner import ModelRunner
 from aserve.engine.scheduler import Scheduler
 from aserve.models.loader import LoadedModel, load_model, resolve_dtype
+from aserve.models.lora import load_adapter, wrap_model
 from aserve.models.paged_attention import attention_backend
 from aserve.models.quantize import QUANTIZATION_MODES
 from aserve.models.store import default_cache_dir, resolve_model
@@ -58,6 +60,9 @@ def _check_settings(config: Config) -> None:
     if mc.chat_template is not None and not Path(mc.chat_template).is_file():
         raise ValueError(f"chat template file not found: {mc.chat_template}")
     get_tool_parser(config.server.tool_parser)  # raises for an unknown name
+    lora_modules(config)  # raises for a malformed list
+    if mc.max_loras < 1 or mc.max_lora_rank < 1:
+        raise ValueError("max_loras and max_lora_rank must be at least 1")
     if ec.prefill_budget_while_decoding < 0:
         raise ValueError("prefill_budget_while_decoding must be 0 (no cap) or positive")
 
@@ -73,7 +78,39 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _load(config: Config, path: Path, threads: int) -> tuple[LoadedModel, KVCache]:
+def lora_modules(config: Config) -> dict[str, str]:
+    """model.lora_modules as {name: path}; empty unless enable_lora."""
+    mc = config.model
+    if not mc.enable_lora:
+        if mc.lora_modules:
+            raise ValueError("lora_modules are given but enable_lora is false; add --enable-lora true")
+        return {}
+    modules: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (mc.lora_modules or "").split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"lora_modules: {item!r} is not NAME=PATH")
+        if name in modules:
+            raise ValueError(f"lora_modules: {name!r} is given twice")
+        modules[name] = path
+    return modules
+
+
+def _load_adapters(config: Config, loaded: LoadedModel) -> AdapterSlots | None:
+    """Runs on the model thread: the adapters, checked against the model, and the model's
+    LoRA slots; None when LoRA is off."""
+    mc = config.model
+    if not mc.enable_lora:
+        return None
+    adapters = {name: load_adapter(name, path, loaded.args, mc.max_lora_rank)
+                for name, path in lora_modules(config).items()}
+    loaded.model.lora = wrap_model(loaded.model, loaded.args, mc.max_loras, mc.max_lora_rank, loaded.dtype)
+    log.info("LoRA: %d adapter(s) (%s), %d slots of rank %d", len(adapters), ", ".join(adapters) or "none",
+             mc.max_loras, mc.max_lora_rank)
+    return AdapterSlots(adapters, mc.max_loras)
+
+
+def _load(config: Config, path: Path, threads: int) -> tuple[LoadedModel, KVCache, AdapterSlots | None]:
     """Runs on the model thread."""
     mc, ec = config.model, config.engine
     torch.set_num_threads(threads)
@@ -87,7 +124,7 @@ def _load(config: Config, path: Path, threads: int) -> tuple[LoadedModel, KVCach
                          f"than max_model_len {loaded.max_model_len}: raise --kv-cache-memory to at least "
                          f"{KVCache.bytes_per_block(loaded.args, ec.block_size, loaded.dtype) * -(-loaded.max_model_len // ec.block_size)} "
                          f"bytes or lower --max-model-len")
-    return loaded, kv
+    return loaded, kv, _load_adapters(config, loaded)
 
 
 def build_state(config: Config) -> ServingState:
@@ -108,7 +145,7 @@ def build_state(config: Config) -> ServingState:
         path = resolve_model(mc.path, cache_dir)  # may convert a GGUF file through torch, on this thread
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-model")
     try:
-        loaded, kv = model_thread.submit(_load, config, path, threads).result()
+        loaded, kv, loras = model_thread.submit(_load, config, path, threads).result()
     except BaseException:
         model_thread.shutdown(wait=False, cancel_futures=True)
         raise
@@ -130,8 +167,8 @@ def build_state(config: Config) -> ServingState:
     blocks = BlockManager(kv.num_blocks, kv.block_size, ec.enable_prefix_caching)
     engine = EngineLoop(
         Scheduler(blocks, ec.max_num_seqs, ec.max_num_batched_tokens, loaded.max_model_len, eos,
-                  loaded.args.attention_context_per_token, ec.prefill_budget_while_decoding),
-        ModelRunner(loaded.model, kv, blocks, loaded.device, seed=ec.seed, eos_token_ids=eos),
+                  loaded.args.attention_context_per_token, ec.prefill_budget_while_decoding, loras),
+        ModelRunner(loaded.model, kv, blocks, loaded.device, seed=ec.seed, eos_token_ids=eos, loras=loras),
         detok_tokenizer,
         model_thread,
         max_buffered_tokens=ec.max_buffered_tokens,
@@ -142,7 +179,8 @@ def build_state(config: Config) -> ServingState:
         log.info("sampling defaults from generation_config.json: %s", defaults)
     return ServingState(engine, hf_tokenizer, name, loaded.max_model_len,
                         GuidedDecoding(hf_tokenizer, loaded.args.vocab_size, eos), loaded.args.vocab_size, defaults,
-                        tool_parser=get_tool_parser(config.server.tool_parser), settings=server_settings(config))
+                        tool_parser=get_tool_parser(config.server.tool_parser), settings=server_settings(config),
+                        lora_adapters={name: a.path for name, a in (loras.adapters if loras else {}).items()})
 
 
 def server_settings(config: Config) -> ServerConfig:

@@ -46,6 +46,7 @@ class GenerationRequest:
     # Mixed into the prefix cache's block names: requests with different salts never share
     # keys/values (what changes the KV of the same tokens, or tenants that must not share).
     cache_salt: str = ""
+    lora: str | None = None  # the LoRA adapter's name; None: the base model
     arrival_time: float = field(default_factory=time.monotonic)
 
 
@@ -250,7 +251,7 @@ class EngineLoop:
                 return
         seq = Sequence(rid, list(request.prompt_ids), request.params, generator=generator, guide=request.guide,
                        wait_for=self._seqs.get(request.follows) if request.follows else None,
-                       cache_salt=request.cache_salt, arrival_time=request.arrival_time)
+                       cache_salt=request.cache_salt, lora=request.lora, arrival_time=request.arrival_time)
         self._seqs[rid] = seq
         self.scheduler.add(seq)
 

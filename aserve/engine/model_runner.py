@@ -8,10 +8,12 @@ import torch
 
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.kv_cache import KVCache
+from aserve.engine.lora_slots import AdapterSlots
 from aserve.engine.sampler import TokenLogprobs, prompt_logprobs, sample
 from aserve.engine.scheduler import ScheduledSeq
 from aserve.models.batch import ForwardBatch, PrefillChunk
 from aserve.models.llama import LlamaModel
+from aserve.models.lora import load_into_slot
 
 
 @dataclass(slots=True)
@@ -29,12 +31,14 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, blocks: BlockManager, device: torch.device,
-                 seed: int | None = None, eos_token_ids: Collection[int] = ()) -> None:
+                 seed: int | None = None, eos_token_ids: Collection[int] = (),
+                 loras: AdapterSlots | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.blocks = blocks  # its pending block copies run here, before each forward
         self.device = device
         self.eos_token_ids = tuple(eos_token_ids)  # masked while a sequence is short of min_tokens
+        self.loras = loras  # adapter loads the scheduler queued run here, before a forward
         # Called with (scheduled, logits) after each forward: tests inject faults here (raise, or
         # write NaN into the logits) to check that only the affected requests fail.
         self.fault_hook: Callable[[Seq[ScheduledSeq], torch.Tensor], None] | None = None
@@ -48,6 +52,9 @@ class ModelRunner:
         # Grad mode is thread-local, so it must be set here, on the thread that runs the model.
         with torch.inference_mode():
             self.kv_cache.copy_blocks(self.blocks.take_copies())
+            if self.loras is not None:
+                for slot, adapter in self.loras.take_pending():
+                    load_into_slot(self.model, slot, adapter)
             batch, prompt_rows = self._build_batch(scheduled)
             logits = self.model(batch, self.kv_cache.k, self.kv_cache.v)
             if self.fault_hook is not None:
@@ -88,6 +95,7 @@ class ModelRunner:
         positions: list[int] = []
         token_blocks: list[int] = []  # the block each token's key/value goes to
         first_token: dict[int, int] = {}  # scheduled index -> index of its first token in the batch
+        lora_rows: dict[int, list[int]] = {}  # LoRA slot -> its tokens' rows
         block_tables: list[list[int]] = []
         query_rows: list[int] = []
         context_lens: list[int] = []
@@ -97,6 +105,8 @@ class ModelRunner:
             seq, start = item.seq, item.seq.num_computed
             span = range(start, start + item.num_tokens)
             first_token[index] = len(input_ids)
+            if seq.lora_slot is not None:
+                lora_rows.setdefault(seq.lora_slot, []).extend(range(len(input_ids), len(input_ids) + item.num_tokens))
             input_ids.extend(seq.tokens(span.start, span.stop))
             positions.extend(span)
             token_blocks.extend(seq.block_table[p // size] for p in span)
@@ -135,6 +145,7 @@ class ModelRunner:
             context_lens=as_tensor(context_lens, torch.int32),
             prefills=prefills,
             logits_indices=as_tensor(logits_indices + prompt_indices),
+            lora_groups=[(slot, as_tensor(rows)) for slot, rows in lora_rows.items()],
         ), prompt_rows
 
 

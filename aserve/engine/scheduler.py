@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from aserve.engine.block_manager import BlockManager
+from aserve.engine.lora_slots import AdapterSlots
 from aserve.engine.sequence import Sequence, SequenceStatus
 
 
@@ -41,7 +42,7 @@ class ScheduledSeq:
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  eos_token_ids: Iterable[int], attention_context_per_token: float = math.inf,
-                 prefill_budget_while_decoding: int = 0) -> None:
+                 prefill_budget_while_decoding: int = 0, loras: AdapterSlots | None = None) -> None:
         """`attention_context_per_token`: cached positions whose attention costs as much as one
         token's matmuls (ModelArgs.attention_context_per_token); inf counts tokens only.
         `prefill_budget_while_decoding`: prefill work per step (same units) for a long prompt
@@ -59,6 +60,7 @@ class Scheduler:
         # Admission next to running sequences leaves this many blocks free for them to grow
         # into: a prompt that took the last free block would only get somebody preempted soon.
         self.watermark = blocks.num_blocks // 100
+        self.loras = loras
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -74,6 +76,7 @@ class Scheduler:
         elif seq in self.running:
             self.running.remove(seq)
             self.blocks.free(seq)
+            self._release_lora(seq)
 
     def schedule(self) -> list[ScheduledSeq]:
         decodes = []
@@ -114,6 +117,7 @@ class Scheduler:
         """Frees a running sequence's blocks and puts it at the head of the queue."""
         self.running.remove(seq)
         self.blocks.free(seq)
+        self._release_lora(seq)
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -125,7 +129,13 @@ class Scheduler:
         # preemption. A later choice of an n>1 request takes its leader's prompt KV instead (its
         # prompt's logprobs are its leader's).
         reuse = seq.params.prompt_logprobs is None or seq.max_computed >= len(seq.prompt_ids) - 1
+        if seq.lora is not None:
+            assert self.loras is not None, "a LoRA sequence on an engine without adapters"
+            if (slot := self.loras.acquire(seq.lora)) is None:
+                return False  # every slot serves other adapters' running sequences: wait for one
+            seq.lora_slot = slot
         if not self.blocks.allocate(seq, reuse, seq.leader, self.watermark if self.running else 0):
+            self._release_lora(seq)
             return False
         if seq.num_preemptions == 0:
             seq.num_cached_prompt = seq.num_computed
@@ -134,6 +144,11 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return True
+
+    def _release_lora(self, seq: Sequence) -> None:
+        if seq.lora_slot is not None and self.loras is not None:
+            self.loras.release(seq.lora_slot)
+            seq.lora_slot = None
 
     def prefill_cost(self, start: int, num_tokens: int) -> float:
         """A chunk's work in units of one token's matmuls: each token also attends over the

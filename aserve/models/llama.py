@@ -171,12 +171,15 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope_cos = self.rope_sin = torch.empty(0)
+        self.lora = None  # a lora.LoRAContext once adapters are enabled (lora.wrap_model)
 
     def set_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
         self.rope_cos, self.rope_sin = cos, sin
 
     def forward(self, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Returns float32 logits [B, vocab] for the tokens in batch.logits_indices."""
+        if self.lora is not None:
+            self.lora.groups = batch.lora_groups
         x, residual = self.embed_tokens(batch.input_ids), None
         rope = (self.rope_cos, self.rope_sin)
         for i, layer in enumerate(self.layers):

@@ -19,12 +19,16 @@ from aserve.server.tokenize import detokenize, tokenize
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
-    return json_response(responses.model_list(state.model_name, state.max_model_len, state.created))
+    return json_response(responses.model_list(state.model_name, state.max_model_len, state.created,
+                                               state.lora_adapters))
 
 
 async def get_model(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
-    state.check_model(request.match_info["model"])
+    name = request.match_info["model"]
+    if (adapter := state.check_model(name)) is not None:
+        return json_response(responses.model_card(adapter, state.max_model_len, state.created,
+                                                  parent=state.model_name, root=state.lora_adapters[adapter]))
     return json_response(responses.model_card(state.model_name, state.max_model_len, state.created))
 
 

@@ -64,7 +64,7 @@ def forced_calls(req: protocol.ChatCompletionRequest, text: str) -> list[ToolCal
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state: ServingState = request.app[ServingState.KEY]
     req = protocol.parse_chat_request(await read_json(request))
-    state.check_model(req.model)
+    lora = state.check_model(req.model)
     limits = state.settings
     if len(req.messages) > limits.max_messages:
         raise APIError(f"too many messages: {len(req.messages)}, the limit is {limits.max_messages}", param="messages")
@@ -85,7 +85,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     n = req.n or 1
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     with state.admit(n, request_id(request), rid) as record:
-        outputs = generation.start(state, rid, [prompt_ids], params, n, grammar, record, req.cache_salt)
+        outputs = generation.start(state, rid, [prompt_ids], params, n, grammar, record, req.cache_salt, lora)
         reply = _Reply(state, req, rid, int(time.time()))
         if req.stream:
             return await reply.stream(request, outputs, n, record)
@@ -95,6 +95,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 class _Reply:
     def __init__(self, state: ServingState, req: protocol.ChatCompletionRequest, rid: str, created: int) -> None:
         self.state, self.req, self.rid, self.created = state, req, rid, created
+        # The model the response names: the adapter asked for, else the base model.
+        self.model = req.model if req.model in state.lora_adapters else state.model_name
         self.parses_tools = bool(req.tools) and req.tool_choice in (None, "auto")
         self.forced = req.tools is not None and req.tool_choice not in (None, "auto", "none")
         self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
@@ -117,10 +119,10 @@ class _Reply:
             finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
             body.append(responses.chat_choice(c.index, content, finish, self._logprobs(c),
                                               [call.to_openai() for call in calls]))
-        return responses.chat_completion(self.rid, self.state.model_name, self.created, body, _usage(choices))
+        return responses.chat_completion(self.rid, self.model, self.created, body, _usage(choices))
 
     def _chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
-        return responses.chat_chunk(self.rid, self.state.model_name, self.created, index, delta, finish,
+        return responses.chat_chunk(self.rid, self.model, self.created, index, delta, finish,
                                     self.include_usage, logprobs)
 
     async def stream(self, request: web.Request, outputs: AsyncIterator[tuple[int, RequestOutput]], n: int,
@@ -135,7 +137,7 @@ class _Reply:
         def closing() -> list[dict]:
             if not self.include_usage:
                 return []
-            return [responses.usage_chunk(self.rid, self.state.model_name, self.created, _usage(choices))]
+            return [responses.usage_chunk(self.rid, self.model, self.created, _usage(choices))]
 
         opening = [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(n)]
         return await write_stream(request, self.state, self.rid, outputs, render, record, opening=opening,

@@ -37,7 +37,7 @@ async def prompt_ids(state: ServingState, prompt: str | list) -> list[list[int]]
 async def completions(request: web.Request) -> web.StreamResponse:
     state: ServingState = request.app[ServingState.KEY]
     req = protocol.parse_completion_request(await read_json(request))
-    state.check_model(req.model)
+    lora = state.check_model(req.model)
     texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
     state.check_prompt_chars(sum(map(len, texts)), "prompt")
     prompts = await prompt_ids(state, req.prompt)
@@ -50,7 +50,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     echoes = [await state.decode(p) for p in prompts] if req.echo else None
     rid = f"cmpl-{uuid.uuid4().hex}"
     with state.admit(n * len(prompts), request_id(request), rid) as record:
-        outputs = generation.start(state, rid, prompts, params, n, grammar, record, req.cache_salt)
+        outputs = generation.start(state, rid, prompts, params, n, grammar, record, req.cache_salt, lora)
         reply = _Reply(state, req, rid, int(time.time()), prompts, echoes, n)
         if req.stream:
             return await reply.stream(request, outputs, record)
@@ -61,6 +61,8 @@ class _Reply:
     def __init__(self, state: ServingState, req: protocol.CompletionRequest, rid: str, created: int,
                  prompts: list[list[int]], echoes: list[str] | None, n: int) -> None:
         self.state, self.req, self.rid, self.created = state, req, rid, created
+        # The model the response names: the adapter asked for, else the base model.
+        self.model = req.model if req.model in state.lora_adapters else state.model_name
         self.prompts, self.echoes, self.n = prompts, echoes, n
         self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
 
@@ -85,7 +87,7 @@ class _Reply:
                                             self._logprobs(c.index, c, 0, True,
                                                            choices[c.index - c.index % self.n].prompt_logprobs))
                 for c in choices]
-        return responses.completion(self.rid, self.state.model_name, self.created, body, _usage(choices, self.n))
+        return responses.completion(self.rid, self.model, self.created, body, _usage(choices, self.n))
 
     async def stream(self, request: web.Request, outputs: AsyncIterator[tuple[int, RequestOutput]],
                      record: RequestRecord) -> web.StreamResponse:
@@ -118,12 +120,12 @@ class _Reply:
             if not (text or logprobs or out.finish_reason):
                 return []
             choice = responses.completion_choice(i, text, out.finish_reason, logprobs)
-            return [responses.completion(self.rid, self.state.model_name, self.created, [choice], None)]
+            return [responses.completion(self.rid, self.model, self.created, [choice], None)]
 
         def closing() -> list[dict]:
             if not self.include_usage:
                 return []
-            return [responses.usage_chunk(self.rid, self.state.model_name, self.created, _usage(choices, self.n),
+            return [responses.usage_chunk(self.rid, self.model, self.created, _usage(choices, self.n),
                                           "text_completion")]
 
         return await write_stream(request, self.state, self.rid, outputs, render, record, closing=closing)

@@ -98,8 +98,8 @@ class Choice:
 
 
 def start(state: ServingState, rid: str, prompts: Sequence[list[int]], params: SamplingParams, n: int,
-          grammar: Any = None, record: RequestRecord | None = None,
-          cache_salt: str | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+          grammar: Any = None, record: RequestRecord | None = None, cache_salt: str | None = None,
+          lora: str | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Queues n choices per prompt (choice index = prompt index * n + j, as OpenAI numbers them)
     and returns their outputs as one stream of (index, output)."""
     state.check_engine()
@@ -113,7 +113,7 @@ def start(state: ServingState, rid: str, prompts: Sequence[list[int]], params: S
             request = GenerationRequest(
                 f"{rid}-{index}", prompt_ids, _with_seed(params, seed),
                 guide=state.guided.guide(grammar) if grammar is not None else None, follows=leader,
-                cache_salt=cache_salt or "")
+                cache_salt=state.cache_salt(cache_salt, lora), lora=lora)
             leader = leader or request.request_id
             streams.append(state.engine.generate(request))
     timeout = state.settings.request_timeout_seconds

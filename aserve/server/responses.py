@@ -55,16 +55,22 @@ def usage_chunk(rid: str, model: str, created: int, use: dict, obj: str = "chat.
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use}
 
 
-def model_list(model_id: str, max_model_len: int, created: int) -> dict:
-    return {"object": "list", "data": [model_card(model_id, max_model_len, created)]}
+def model_list(model_id: str, max_model_len: int, created: int, adapters: dict[str, str]) -> dict:
+    """The base model, then each LoRA adapter (name -> path) as its own model, as vLLM lists them."""
+    return {"object": "list", "data": [model_card(model_id, max_model_len, created)] + [
+        model_card(name, max_model_len, created, parent=model_id, root=path) for name, path in adapters.items()]}
 
 
-def model_card(model_id: str, max_model_len: int, created: int) -> dict:
-    # max_model_len is a vLLM extension field; clients use it to size prompts.
+def model_card(model_id: str, max_model_len: int, created: int, parent: str | None = None,
+               root: str | None = None) -> dict:
+    # max_model_len, root and parent are vLLM's extension fields: clients size prompts with the
+    # first; an adapter's parent is the base model's id and its root the adapter's path.
     return {
         "id": model_id,
         "object": "model",
         "created": created,
         "owned_by": "aserve",
+        "root": root or model_id,
+        "parent": parent,
         "max_model_len": max_model_len,
     }

@@ -84,6 +84,7 @@ class ServingState:
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-tokenize"))
     engine_task: asyncio.Task | None = None
     created: int = field(default_factory=lambda: int(time.time()))  # the model card's "created"
+    lora_adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> its path
     token_text: TokenText = field(init=False)
 
     def __post_init__(self) -> None:
@@ -172,11 +173,23 @@ class ServingState:
             raise APIError(f"the prompt is {chars} characters long; the limit is {self.settings.max_prompt_chars}",
                            param=param, code="prompt_too_long")
 
-    def check_model(self, model: str | None) -> None:
-        # An omitted model means the one we serve, as vLLM does.
-        if model is not None and model != self.model_name:
-            raise APIError(f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                           status=404, param="model", code="model_not_found")
+    def check_model(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names, None for the base model (also when
+        omitted, as vLLM does); a 404 for anything else."""
+        if model is None or model == self.model_name:
+            return None
+        if model in self.lora_adapters:
+            return model
+        served = ", ".join(repr(m) for m in [self.model_name, *self.lora_adapters])
+        raise APIError(f"the model {model!r} does not exist; this server serves {served}",
+                       status=404, param="model", code="model_not_found")
+
+    def cache_salt(self, salt: str | None, adapter: str | None) -> str:
+        """The prefix-cache salt of a request: its own, plus its adapter's name and path, so that
+        no two adapters (nor one name reloaded from another path) share cached keys/values."""
+        if adapter is None:
+            return salt or ""
+        return f"{salt or ''}\x00lora:{adapter}:{self.lora_adapters[adapter]}"
 
 
 ServingState.KEY = web.AppKey("serving_state", ServingState)

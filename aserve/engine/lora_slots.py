@@ -1,0 +1,55 @@
+"""Which LoRA adapters the running sequences use, and which of the model's slots hold them.
+
+The model has `max_loras` adapter slots (models/lora.py). A sequence of an adapter is admitted
+only when its adapter is in a slot or a slot is free of running sequences; the scheduler then
+waits (first come, first served, so no adapter starves). A slot keeps its adapter after its
+last sequence leaves, until another adapter needs the slot: the least recently used free slot
+goes first. Loads are queued here by the scheduler and done by the model runner on the model
+thread before its next forward, never while a forward reads the slots.
+"""
+
+from dataclasses import dataclass, field
+
+from aserve.models.lora import LoRAAdapter
+
+
+@dataclass
+class AdapterSlots:
+    adapters: dict[str, LoRAAdapter]
+    max_loras: int
+    slot_of: dict[str, int] = field(default_factory=dict)  # adapter name -> its slot
+    users: list[int] = field(default_factory=list)  # running sequences per slot
+    last_used: list[int] = field(default_factory=list)
+    pending: list[tuple[int, LoRAAdapter]] = field(default_factory=list)  # (slot, adapter) to load
+    clock: int = 0
+
+    def __post_init__(self) -> None:
+        self.users = [0] * self.max_loras
+        self.last_used = [0] * self.max_loras
+
+    def acquire(self, name: str) -> int | None:
+        """A slot holding `name` for one more running sequence, or None if none can now."""
+        self.clock += 1
+        slot = self.slot_of.get(name)
+        if slot is None:
+            free = [s for s in range(self.max_loras) if self.users[s] == 0]
+            if not free:
+                return None
+            slot = min(free, key=lambda s: self.last_used[s])
+            self.slot_of = {n: s for n, s in self.slot_of.items() if s != slot}
+            self.slot_of[name] = slot
+            self.pending.append((slot, self.adapters[name]))
+        self.users[slot] += 1
+        self.last_used[slot] = self.clock
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.users[slot] -= 1
+
+    def running(self) -> dict[str, int]:
+        """Running sequences per adapter name."""
+        return {name: self.users[slot] for name, slot in self.slot_of.items() if self.users[slot]}
+
+    def take_pending(self) -> list[tuple[int, LoRAAdapter]]:
+        pending, self.pending = self.pending, []
+        return pending

@@ -1,0 +1,195 @@
+"""LoRA adapters: our logits with an adapter are PEFT's own, in any mix of adapters in a step."""
+
+import asyncio
+
+import aiohttp
+import pytest
+import pytest_asyncio
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from aserve.engine.block_manager import BlockManager
+from aserve.engine.kv_cache import KVCache
+from aserve.engine.lora_slots import AdapterSlots
+from aserve.engine.model_runner import ModelRunner
+from aserve.engine.scheduler import ScheduledSeq
+from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
+from aserve.models import lora
+from aserve.models.loader import load_model
+from test_api import chat, post, serve
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(model_dir, out, seed: int, r: int = 4, targets=TARGETS, **config):
+    """A PEFT LoRA adapter for the tiny model, with random (not zero) B so that it changes the output."""
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                 init_lora_weights=False, **config))
+    peft_model.save_pretrained(out)
+    return peft_model.eval()
+
+
+@pytest.fixture
+def adapters(tiny_llama_dir, tmp_path):
+    return {name: (tmp_path / name, make_adapter(tiny_llama_dir, tmp_path / name, seed))
+            for name, seed in (("first", 1), ("second", 2))}
+
+
+def _runner(model_dir, adapter_dirs: dict, max_loras: int = 2):
+    loaded = load_model(model_dir, "cpu", "float32", 128)
+    loaded_adapters = {name: lora.load_adapter(name, path, loaded.args, max_rank=8)
+                       for name, path in adapter_dirs.items()}
+    context = lora.wrap_model(loaded.model, loaded.args, max_loras, 8, torch.float32)
+    loaded.model.lora = context
+    slots = AdapterSlots(loaded_adapters, max_loras)
+    kv = KVCache.allocate(loaded.args, 256 * KVCache.bytes_per_block(loaded.args, 4, loaded.dtype), 4,
+                          loaded.dtype, loaded.device)
+    return ModelRunner(loaded.model, kv, BlockManager(kv.num_blocks, 4), loaded.device, seed=0, loras=slots)
+
+
+def _logits(runner: ModelRunner, prompts: list[tuple[list[int], str | None]]) -> list[torch.Tensor]:
+    """One prefill step for all prompts together; the logits at every position of each."""
+    seqs = []
+    for i, (prompt, name) in enumerate(prompts):
+        seq = Sequence(f"s{i}", prompt, SamplingParams(max_tokens=1, temperature=0), status=SequenceStatus.RUNNING,
+                       lora=name)
+        if name is not None:
+            seq.lora_slot = runner.loras.acquire(name)
+        assert runner.blocks.reserve(seq, len(prompt))
+        seqs.append(seq)
+    for slot, adapter in runner.loras.take_pending():
+        lora.load_into_slot(runner.model, slot, adapter)
+    batch, _ = runner._build_batch([ScheduledSeq(s, len(s.prompt_ids)) for s in seqs])
+    batch.logits_indices = torch.arange(batch.input_ids.numel())
+    with torch.inference_mode():
+        out = runner.model(batch, runner.kv_cache.k, runner.kv_cache.v)
+    rows, start = [], 0
+    for s in seqs:  # long prompts are dense chunks after the paged ones, here all start at 0: step order
+        rows.append(out[start:start + len(s.prompt_ids)])
+        start += len(s.prompt_ids)
+    return rows
+
+
+def _peft_logits(peft_model, prompt: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return peft_model(torch.tensor([prompt])).logits[0]
+
+
+def test_logits_with_an_adapter_equal_peft_and_each_row_gets_only_its_own(tiny_llama_dir, adapters):
+    runner = _runner(tiny_llama_dir, {name: path for name, (path, _) in adapters.items()})
+    base_prompt, first_prompt, second_prompt = list(range(3, 40)), list(range(50, 90)), list(range(7, 45))
+    base, first, second = _logits(runner, [(base_prompt, None), (first_prompt, "first"), (second_prompt, "second")])
+    for logits, prompt, (_, peft_model) in ((first, first_prompt, adapters["first"]),
+                                            (second, second_prompt, adapters["second"])):
+        reference = _peft_logits(peft_model, prompt)
+        torch.testing.assert_close(logits, reference, atol=1e-4 * reference.abs().max().item(), rtol=1e-4)
+    with adapters["first"][1].disable_adapter():
+        reference = _peft_logits(adapters["first"][1], base_prompt)
+    torch.testing.assert_close(base, reference, atol=1e-4 * reference.abs().max().item(), rtol=1e-4)
+
+
+def test_rslora_and_partial_targets_scale_and_place_like_peft(tiny_llama_dir, tmp_path):
+    peft_model = make_adapter(tiny_llama_dir, tmp_path / "rs", seed=3, r=8, targets=["k_proj", "up_proj"],
+                              use_rslora=True)
+    runner = _runner(tiny_llama_dir, {"rs": tmp_path / "rs"})
+    prompt = list(range(3, 30))
+    (logits,) = _logits(runner, [(prompt, "rs")])
+    reference = _peft_logits(peft_model, prompt)
+    torch.testing.assert_close(logits, reference, atol=1e-4 * reference.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (dict(r=16), "rank 16 exceeds max_lora_rank 8"),
+    (dict(use_dora=True), "DoRA"),
+])
+def test_adapters_that_cannot_be_served_are_refused_with_the_reason(tiny_llama_dir, tmp_path, config, message):
+    make_adapter(tiny_llama_dir, tmp_path / "bad", seed=4, **{"r": 4, **config})
+    args = load_model(tiny_llama_dir, "cpu", "float32", 64).args
+    with pytest.raises(lora.LoRAError, match=message):
+        lora.load_adapter("bad", tmp_path / "bad", args, max_rank=8)
+
+
+def test_an_adapter_for_another_model_is_refused_naming_the_shapes(tiny_llama_dir, tmp_path):
+    make_adapter(tiny_llama_dir, tmp_path / "other", seed=5)
+    weights = load_file(tmp_path / "other" / "adapter_model.safetensors")
+    key = next(k for k in weights if k.endswith("mlp.down_proj.lora_B.weight"))
+    weights[key] = torch.zeros(96, 4)  # a hidden size of 96: another base model's
+    save_file(weights, tmp_path / "other" / "adapter_model.safetensors")
+    args = load_model(tiny_llama_dir, "cpu", "float32", 64).args
+    with pytest.raises(lora.LoRAError, match=r"B \(96, 4\).*B \(64, 4\).*another model"):
+        lora.load_adapter("other", tmp_path / "other", args, max_rank=8)
+
+
+def test_slots_go_to_waiting_adapters_least_recently_used_first():
+    slots = AdapterSlots({name: None for name in "abc"}, max_loras=2)
+    a, b = slots.acquire("a"), slots.acquire("b")
+    assert slots.acquire("c") is None  # both slots serve running sequences
+    slots.release(a)
+    assert slots.acquire("c") == a
+    assert slots.acquire("a") is None
+    slots.release(b)
+    assert slots.acquire("a") == b
+    assert [slot for slot, _ in slots.take_pending()] == [a, b, a, b]
+
+
+# ---------------------------------------------------------------------------- through the server
+
+
+@pytest_asyncio.fixture
+async def client():
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
+
+
+@pytest_asyncio.fixture
+async def lora_server(tiny_llama_dir, adapters):
+    modules = ",".join(f"{name}={path}" for name, (path, _) in adapters.items())
+    async with serve(tiny_llama_dir, {"enable_lora": True, "lora_modules": modules, "max_loras": 2,
+                                      "max_lora_rank": 8}) as server:
+        yield server
+
+
+async def _chat(client, server, model: str, prompt: str, **body) -> dict:
+    return await chat(client, server, model=model, messages=[{"role": "user", "content": prompt}], temperature=0,
+                      max_tokens=12, **body)
+
+
+async def test_adapters_are_listed_as_models_whose_parent_is_the_base(lora_server, client, adapters):
+    async with client.get(lora_server.url + "/v1/models") as resp:
+        data = (await resp.json())["data"]
+    assert [m["id"] for m in data] == [lora_server.model, "first", "second"]
+    assert [(m["parent"], m["root"]) for m in data[1:]] == [(lora_server.model, str(adapters[n][0]))
+                                                           for n in ("first", "second")]
+    async with client.get(lora_server.url + "/v1/models/second") as resp:
+        assert (await resp.json())["parent"] == lora_server.model
+
+
+async def test_each_adapter_answers_as_itself_alone_or_in_a_mixed_batch(lora_server, client):
+    prompt = "Tell me about the sea."
+    alone = {model: await _chat(client, lora_server, model, prompt) for model in (lora_server.model, "first", "second")}
+    texts = {model: body["choices"][0]["message"]["content"] for model, body in alone.items()}
+    assert len(set(texts.values())) == 3  # each adapter changes the output
+    assert [body["model"] for body in alone.values()] == [lora_server.model, "first", "second"]
+    together = await asyncio.gather(*(_chat(client, lora_server, model, prompt, n=2, cache_salt=f"mix{i}")
+                                      for i, model in enumerate([lora_server.model, "first", "second", "first"])))
+    for model, body in zip([lora_server.model, "first", "second", "first"], together):
+        assert [c["message"]["content"] for c in body["choices"]] == [texts[model]] * 2
+
+
+async def test_an_adapter_never_reuses_the_base_models_cached_prompt(lora_server, client):
+    prompt = "cached " * 40
+    await _chat(client, lora_server, lora_server.model, prompt)
+    adapter = await _chat(client, lora_server, "first", prompt)
+    again = await _chat(client, lora_server, "first", prompt)
+    assert adapter["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+async def test_an_unknown_model_is_a_404_naming_what_is_served(lora_server, client):
+    reply = await post(client, lora_server.url, {"model": "third", "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status == 404
+    assert "'first', 'second'" in reply.body["error"]["message"]
