@@ -256,8 +256,9 @@ def build_payload(model: str, index: int, args: argparse.Namespace) -> dict[str,
         # Said explicitly, so that servers whose chat templates differ in the default they
         # insert (or that insert none) still see the same tokens.
         messages.insert(0, {"role": "system", "content": args.system_prompt})
+    models = model.split(",")  # several: request i goes to model i mod k (LoRA adapters, say)
     payload = {
-        "model": model,
+        "model": models[index % len(models)],
         "messages": messages,
         "stream": True,
         "max_tokens": args.max_tokens,
@@ -302,7 +303,9 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=0, metavar="R",
                         help="total requests per level, shared by its N clients "
                              "(default: max(2*N, 8), i.e. about two requests per client)")
-    parser.add_argument("--model", default=None, help="model id (default: the server's first /v1/models id)")
+    parser.add_argument("--model", default=None,
+                        help="model id, or several comma-separated (request i goes to model i mod k, e.g. LoRA "
+                             "adapters) (default: the server's first /v1/models id)")
     parser.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default %(default)s)")
     parser.add_argument("--ignore-eos", action="store_true",

@@ -95,7 +95,7 @@ class ModelRunner:
         positions: list[int] = []
         token_blocks: list[int] = []  # the block each token's key/value goes to
         first_token: dict[int, int] = {}  # scheduled index -> index of its first token in the batch
-        lora_rows: dict[int, list[int]] = {}  # LoRA slot -> its tokens' rows
+        lora_slots: list[int] = []  # each token's LoRA slot, -1 for the base model
         block_tables: list[list[int]] = []
         query_rows: list[int] = []
         context_lens: list[int] = []
@@ -105,8 +105,7 @@ class ModelRunner:
             seq, start = item.seq, item.seq.num_computed
             span = range(start, start + item.num_tokens)
             first_token[index] = len(input_ids)
-            if seq.lora_slot is not None:
-                lora_rows.setdefault(seq.lora_slot, []).extend(range(len(input_ids), len(input_ids) + item.num_tokens))
+            lora_slots.extend([-1 if seq.lora_slot is None else seq.lora_slot] * item.num_tokens)
             input_ids.extend(seq.tokens(span.start, span.stop))
             positions.extend(span)
             token_blocks.extend(seq.block_table[p // size] for p in span)
@@ -145,7 +144,7 @@ class ModelRunner:
             context_lens=as_tensor(context_lens, torch.int32),
             prefills=prefills,
             logits_indices=as_tensor(logits_indices + prompt_indices),
-            lora_groups=[(slot, as_tensor(rows)) for slot, rows in lora_rows.items()],
+            lora_slots=as_tensor(lora_slots) if any(slot >= 0 for slot in lora_slots) else None,
         ), prompt_rows
 
 

@@ -8,7 +8,7 @@ block table up to its own position. The rest are longer prefill chunks, one cont
 prompt tokens per sequence, each attended with SDPA over its sequence's gathered blocks.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,8 +31,8 @@ class ForwardBatch:
     context_lens: torch.Tensor  # int32 [P]: each paged token attends over positions [0, context_len)
     prefills: list[PrefillChunk]
     logits_indices: torch.Tensor  # [B] which of the T tokens need next-token logits
-    # For each LoRA slot in use, the rows (of the T tokens) that are its sequences' (models/lora.py)
-    lora_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    # Each token's LoRA slot (-1: the base model); None when no token uses one (models/lora.py)
+    lora_slots: torch.Tensor | None = None
 
     @property
     def num_paged(self) -> int:

@@ -179,7 +179,7 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Returns float32 logits [B, vocab] for the tokens in batch.logits_indices."""
         if self.lora is not None:
-            self.lora.groups = batch.lora_groups
+            self.lora.set_rows(batch.lora_slots)
         x, residual = self.embed_tokens(batch.input_ids), None
         rope = (self.rope_cos, self.rope_sin)
         for i, layer in enumerate(self.layers):
