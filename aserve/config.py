@@ -25,6 +25,8 @@ class ServerConfig:
     stream_write_timeout_seconds: float = 30.0
     sse_keepalive_seconds: float = 5.0  # a stream with nothing to send for this long gets a ": keep-alive" comment
     log_requests_json: bool = False  # one JSON line per finished request on the aserve.requests logger
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's); also $ASERVE_ALLOW_RUNTIME_LORA_UPDATING=true
+    allow_runtime_lora_updating: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from aserve.engine.lora_slots import AdapterSlots
 from aserve.engine.model_runner import ModelRunner
 from aserve.engine.scheduler import Scheduler
 from aserve.models.loader import LoadedModel, load_model, resolve_dtype
-from aserve.models.lora import load_adapter, wrap_model
+from aserve.models.lora import LoRARegistry, wrap_model
 from aserve.models.paged_attention import attention_backend
 from aserve.models.quantize import QUANTIZATION_MODES
 from aserve.models.store import default_cache_dir, resolve_model
@@ -96,21 +96,23 @@ def lora_modules(config: Config) -> dict[str, str]:
     return modules
 
 
-def _load_adapters(config: Config, loaded: LoadedModel) -> AdapterSlots | None:
+def _load_adapters(config: Config, loaded: LoadedModel) -> tuple[LoRARegistry, AdapterSlots] | None:
     """Runs on the model thread: the adapters, checked against the model, and the model's
     LoRA slots; None when LoRA is off."""
     mc = config.model
     if not mc.enable_lora:
         return None
-    adapters = {name: load_adapter(name, path, loaded.args, mc.max_lora_rank)
-                for name, path in lora_modules(config).items()}
+    registry = LoRARegistry(loaded.args, mc.max_lora_rank)
+    for name, path in lora_modules(config).items():
+        registry.add(registry.read(name, path))
     loaded.model.lora = wrap_model(loaded.model, loaded.args, mc.max_loras, mc.max_lora_rank, loaded.dtype)
-    log.info("LoRA: %d adapter(s) (%s), %d slots of rank %d", len(adapters), ", ".join(adapters) or "none",
-             mc.max_loras, mc.max_lora_rank)
-    return AdapterSlots(adapters, mc.max_loras)
+    log.info("LoRA: %d adapter(s) (%s), %d slots of rank %d", len(registry.adapters),
+             ", ".join(registry.adapters) or "none", mc.max_loras, mc.max_lora_rank)
+    return registry, AdapterSlots(mc.max_loras)
 
 
-def _load(config: Config, path: Path, threads: int) -> tuple[LoadedModel, KVCache, AdapterSlots | None]:
+def _load(config: Config, path: Path,
+          threads: int) -> tuple[LoadedModel, KVCache, tuple[LoRARegistry, AdapterSlots] | None]:
     """Runs on the model thread."""
     mc, ec = config.model, config.engine
     torch.set_num_threads(threads)
@@ -145,7 +147,7 @@ def build_state(config: Config) -> ServingState:
         path = resolve_model(mc.path, cache_dir)  # may convert a GGUF file through torch, on this thread
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-model")
     try:
-        loaded, kv, loras = model_thread.submit(_load, config, path, threads).result()
+        loaded, kv, lora = model_thread.submit(_load, config, path, threads).result()
     except BaseException:
         model_thread.shutdown(wait=False, cancel_futures=True)
         raise
@@ -165,6 +167,7 @@ def build_state(config: Config) -> ServingState:
     log.info("KV cache %d blocks x %d tokens = %d tokens in %.2f GiB (attention: %s)",
              kv.num_blocks, kv.block_size, kv.num_tokens, kv.nbytes / 2**30, attention_backend(loaded.device))
     blocks = BlockManager(kv.num_blocks, kv.block_size, ec.enable_prefix_caching)
+    registry, loras = lora if lora is not None else (None, None)
     engine = EngineLoop(
         Scheduler(blocks, ec.max_num_seqs, ec.max_num_batched_tokens, loaded.max_model_len, eos,
                   loaded.args.attention_context_per_token, ec.prefill_budget_while_decoding, loras),
@@ -180,15 +183,19 @@ def build_state(config: Config) -> ServingState:
     return ServingState(engine, hf_tokenizer, name, loaded.max_model_len,
                         GuidedDecoding(hf_tokenizer, loaded.args.vocab_size, eos), loaded.args.vocab_size, defaults,
                         tool_parser=get_tool_parser(config.server.tool_parser), settings=server_settings(config),
-                        lora_adapters={name: a.path for name, a in (loras.adapters if loras else {}).items()})
+                        lora=registry)
 
 
 def server_settings(config: Config) -> ServerConfig:
     """The [server] settings, with the API key taken from $ASERVE_API_KEY when not configured
-    (an environment variable keeps the secret out of config files and `ps` listings)."""
-    if config.server.api_key or not os.environ.get("ASERVE_API_KEY"):
-        return config.server
-    return replace(config.server, api_key=os.environ["ASERVE_API_KEY"])
+    (an environment variable keeps the secret out of config files and `ps` listings), and
+    runtime LoRA updates allowed by $ASERVE_ALLOW_RUNTIME_LORA_UPDATING=true (vLLM's way)."""
+    settings = config.server
+    if not settings.api_key and os.environ.get("ASERVE_API_KEY"):
+        settings = replace(settings, api_key=os.environ["ASERVE_API_KEY"])
+    if os.environ.get("ASERVE_ALLOW_RUNTIME_LORA_UPDATING", "").lower() == "true":
+        settings = replace(settings, allow_runtime_lora_updating=True)
+    return settings
 
 
 # generation_config.json key -> request field, the ones vLLM takes as defaults

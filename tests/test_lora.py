@@ -18,7 +18,7 @@ from aserve.engine.scheduler import ScheduledSeq
 from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from aserve.models import lora
 from aserve.models.loader import load_model
-from test_api import chat, post, serve
+from test_api import chat, post, serve, slow_engine
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -45,20 +45,23 @@ def _runner(model_dir, adapter_dirs: dict, max_loras: int = 2):
                        for name, path in adapter_dirs.items()}
     context = lora.wrap_model(loaded.model, loaded.args, max_loras, 8, torch.float32)
     loaded.model.lora = context
-    slots = AdapterSlots(loaded_adapters, max_loras)
+    slots = AdapterSlots(max_loras)
     kv = KVCache.allocate(loaded.args, 256 * KVCache.bytes_per_block(loaded.args, 4, loaded.dtype), 4,
                           loaded.dtype, loaded.device)
-    return ModelRunner(loaded.model, kv, BlockManager(kv.num_blocks, 4), loaded.device, seed=0, loras=slots)
+    runner = ModelRunner(loaded.model, kv, BlockManager(kv.num_blocks, 4), loaded.device, seed=0, loras=slots)
+    runner.adapters = loaded_adapters  # by name, for _logits
+    return runner
 
 
 def _logits(runner: ModelRunner, prompts: list[tuple[list[int], str | None]]) -> list[torch.Tensor]:
     """One prefill step for all prompts together; the logits at every position of each."""
     seqs = []
     for i, (prompt, name) in enumerate(prompts):
+        adapter = None if name is None else runner.adapters[name]
         seq = Sequence(f"s{i}", prompt, SamplingParams(max_tokens=1, temperature=0), status=SequenceStatus.RUNNING,
-                       lora=name)
-        if name is not None:
-            seq.lora_slot = runner.loras.acquire(name)
+                       lora=adapter)
+        if adapter is not None:
+            seq.lora_slot = runner.loras.acquire(adapter)
         assert runner.blocks.reserve(seq, len(prompt))
         seqs.append(seq)
     for slot, adapter in runner.loras.take_pending():
@@ -125,14 +128,15 @@ def test_an_adapter_for_another_model_is_refused_naming_the_shapes(tiny_llama_di
 
 
 def test_slots_go_to_waiting_adapters_least_recently_used_first():
-    slots = AdapterSlots({name: None for name in "abc"}, max_loras=2)
-    a, b = slots.acquire("a"), slots.acquire("b")
-    assert slots.acquire("c") is None  # both slots serve running sequences
+    first, second, third = (lora.LoRAAdapter(name, f"/{name}", 4) for name in "abc")
+    slots = AdapterSlots(max_loras=2)
+    a, b = slots.acquire(first), slots.acquire(second)
+    assert slots.acquire(third) is None  # both slots serve running sequences
     slots.release(a)
-    assert slots.acquire("c") == a
-    assert slots.acquire("a") is None
+    assert slots.acquire(third) == a
+    assert slots.acquire(first) is None
     slots.release(b)
-    assert slots.acquire("a") == b
+    assert slots.acquire(first) == b
     assert [slot for slot, _ in slots.take_pending()] == [a, b, a, b]
 
 
@@ -154,8 +158,8 @@ async def lora_server(tiny_llama_dir, adapters):
 
 
 async def _chat(client, server, model: str, prompt: str, **body) -> dict:
-    return await chat(client, server, model=model, messages=[{"role": "user", "content": prompt}], temperature=0,
-                      max_tokens=12, **body)
+    return await chat(client, server, model=model, messages=[{"role": "user", "content": prompt}],
+                      **{"temperature": 0, "max_tokens": 12, **body})
 
 
 async def test_adapters_are_listed_as_models_whose_parent_is_the_base(lora_server, client, adapters):
@@ -193,3 +197,72 @@ async def test_an_unknown_model_is_a_404_naming_what_is_served(lora_server, clie
     reply = await post(client, lora_server.url, {"model": "third", "messages": [{"role": "user", "content": "hi"}]})
     assert reply.status == 404
     assert "'first', 'second'" in reply.body["error"]["message"]
+
+
+# ---------------------------------------------------------------------------- runtime updates
+
+
+@pytest_asyncio.fixture
+async def updatable_server(tiny_llama_dir, adapters):
+    async with serve(tiny_llama_dir, {"enable_lora": True, "lora_modules": f"first={adapters['first'][0]}",
+                                      "max_loras": 2, "max_lora_rank": 8},
+                     allow_runtime_lora_updating=True) as server:
+        yield server
+
+
+async def _models(client, server) -> list[str]:
+    async with client.get(server.url + "/v1/models") as resp:
+        return [m["id"] for m in (await resp.json())["data"]]
+
+
+async def test_an_adapter_loaded_at_run_time_is_served_like_one_given_at_start(updatable_server, client, adapters):
+    reply = await post(client, updatable_server.url, {"lora_name": "again", "lora_path": str(adapters["first"][0])},
+                       path="/v1/load_lora_adapter")
+    assert reply.status == 200, reply.body
+    assert await _models(client, updatable_server) == [updatable_server.model, "first", "again"]
+    first = await _chat(client, updatable_server, "first", "Tell me about the sea.")
+    again = await _chat(client, updatable_server, "again", "Tell me about the sea.")
+    assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # another load: its own cache
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"lora_name": "x", "lora_path": "/no/such/dir"}, "no adapter_config.json"),
+    ({"lora_name": "first", "lora_path": "/no/such/dir"}, "already served"),
+    ({"lora_name": "x"}, "lora_path"),
+])
+async def test_a_bad_load_is_a_400_and_the_server_keeps_serving(updatable_server, client, body, message):
+    reply = await post(client, updatable_server.url, body, path="/v1/load_lora_adapter")
+    assert reply.status == 400 and message in str(reply.body), reply.body
+    assert await _models(client, updatable_server) == [updatable_server.model, "first"]
+    await _chat(client, updatable_server, "first", "still there?")
+
+
+async def test_a_too_high_rank_is_refused_naming_both_ranks(updatable_server, client, tiny_llama_dir, tmp_path):
+    make_adapter(tiny_llama_dir, tmp_path / "big", seed=6, r=16)
+    reply = await post(client, updatable_server.url, {"lora_name": "big", "lora_path": str(tmp_path / "big")},
+                       path="/v1/load_lora_adapter")
+    assert reply.status == 400 and "rank 16 exceeds max_lora_rank 8" in reply.body["error"]["message"]
+
+
+async def test_unloading_lets_running_requests_finish_and_then_the_name_is_gone(updatable_server, client,
+                                                                                monkeypatch):
+    slow_engine(updatable_server.state, monkeypatch, 0.005)  # 200 tokens: a second at least
+    running = asyncio.create_task(_chat(client, updatable_server, "first", "A long answer, please.", max_tokens=200,
+                                        ignore_eos=True))
+    while updatable_server.state.engine.stats()["running"] == 0:
+        await asyncio.sleep(0.01)
+    reply = await post(client, updatable_server.url, {"lora_name": "first"}, path="/v1/unload_lora_adapter")
+    assert reply.status == 200
+    body = await running
+    assert body["usage"]["completion_tokens"] == 200 and body["model"] == "first"
+    assert await _models(client, updatable_server) == [updatable_server.model]
+    gone = await post(client, updatable_server.url, {"model": "first", "messages": [{"role": "user", "content": "x"}]})
+    assert gone.status == 404
+    again = await post(client, updatable_server.url, {"lora_name": "first"}, path="/v1/unload_lora_adapter")
+    assert again.status == 404
+
+
+async def test_runtime_updates_are_not_routed_unless_allowed(lora_server, client):
+    reply = await post(client, lora_server.url, {"lora_name": "x", "lora_path": "/x"}, path="/v1/load_lora_adapter")
+    assert reply.status == 404

@@ -46,7 +46,7 @@ class GenerationRequest:
     # Mixed into the prefix cache's block names: requests with different salts never share
     # keys/values (what changes the KV of the same tokens, or tenants that must not share).
     cache_salt: str = ""
-    lora: str | None = None  # the LoRA adapter's name; None: the base model
+    lora: Any = None  # the loaded LoRA adapter (models.lora.LoRAAdapter); None: the base model
     arrival_time: float = field(default_factory=time.monotonic)
 
 

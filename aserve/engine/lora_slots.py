@@ -1,5 +1,9 @@
 """Which LoRA adapters the running sequences use, and which of the model's slots hold them.
 
+Sequences hold the loaded adapter object itself, not its name: an adapter unloaded at run time
+(server/lora.py) leaves the served list at once, and its running and waiting requests finish
+on it.
+
 The model has `max_loras` adapter slots (models/lora.py). A sequence of an adapter is admitted
 only when its adapter is in a slot or a slot is free of running sequences; the scheduler then
 waits (first come, first served, so no adapter starves). A slot keeps its adapter after its
@@ -15,9 +19,8 @@ from aserve.models.lora import LoRAAdapter
 
 @dataclass
 class AdapterSlots:
-    adapters: dict[str, LoRAAdapter]
     max_loras: int
-    slot_of: dict[str, int] = field(default_factory=dict)  # adapter name -> its slot
+    slot_of: dict[LoRAAdapter, int] = field(default_factory=dict)  # adapter -> its slot
     users: list[int] = field(default_factory=list)  # running sequences per slot
     last_used: list[int] = field(default_factory=list)
     pending: list[tuple[int, LoRAAdapter]] = field(default_factory=list)  # (slot, adapter) to load
@@ -27,18 +30,18 @@ class AdapterSlots:
         self.users = [0] * self.max_loras
         self.last_used = [0] * self.max_loras
 
-    def acquire(self, name: str) -> int | None:
-        """A slot holding `name` for one more running sequence, or None if none can now."""
+    def acquire(self, adapter: LoRAAdapter) -> int | None:
+        """A slot holding `adapter` for one more running sequence, or None if none can now."""
         self.clock += 1
-        slot = self.slot_of.get(name)
+        slot = self.slot_of.get(adapter)
         if slot is None:
             free = [s for s in range(self.max_loras) if self.users[s] == 0]
             if not free:
                 return None
             slot = min(free, key=lambda s: self.last_used[s])
-            self.slot_of = {n: s for n, s in self.slot_of.items() if s != slot}
-            self.slot_of[name] = slot
-            self.pending.append((slot, self.adapters[name]))
+            self.slot_of = {a: s for a, s in self.slot_of.items() if s != slot}
+            self.slot_of[adapter] = slot
+            self.pending.append((slot, adapter))
         self.users[slot] += 1
         self.last_used[slot] = self.clock
         return slot
@@ -48,7 +51,7 @@ class AdapterSlots:
 
     def running(self) -> dict[str, int]:
         """Running sequences per adapter name."""
-        return {name: self.users[slot] for name, slot in self.slot_of.items() if self.users[slot]}
+        return {a.name: self.users[slot] for a, slot in self.slot_of.items() if self.users[slot]}
 
     def take_pending(self) -> list[tuple[int, LoRAAdapter]]:
         pending, self.pending = self.pending, []

@@ -2,9 +2,12 @@
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from aserve.models.lora import LoRAAdapter
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +70,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # names of its full blocks, as computed so far
     num_named_blocks: int = 0  # leading blocks of block_table already named for prefix caching
     cache_salt: str = ""  # mixed into block names: requests with different salts never share KV
-    lora: str | None = None  # the LoRA adapter's name; None: the base model
+    lora: "LoRAAdapter | None" = None  # the loaded LoRA adapter; None: the base model
     lora_slot: int | None = None  # its slot in the model while running (engine/lora_slots.py)
     num_computed: int = 0  # tokens whose keys/values are in the cache
     max_computed: int = 0  # the most tokens ever computed: a preempted sequence recomputes up to here

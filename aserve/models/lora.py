@@ -48,16 +48,17 @@ def part_sizes(args: ModelArgs, module: str) -> tuple[list[int], int]:
             "mlp.gate_up_proj": ([i, i], h), "mlp.down_proj": ([h], i)}[module]
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the engine keys its slots by the loaded object
 class LoRAAdapter:
     name: str
     path: str
     rank: int
+    serial: int = 0  # which load this is (a name reloaded from the same path is another adapter)
     # "layers.{i}.{module}" -> (A [parts * rank, in], B [out, parts * rank], scaling folded in)
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def load_adapter(name: str, path: str | Path, args: ModelArgs, max_rank: int) -> LoRAAdapter:
+def load_adapter(name: str, path: str | Path, args: ModelArgs, max_rank: int, serial: int = 0) -> LoRAAdapter:
     """Reads a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors or .bin)
     and checks it against the base model; LoRAError says what does not fit."""
     path = Path(path)
@@ -77,7 +78,7 @@ def load_adapter(name: str, path: str | Path, args: ModelArgs, max_rank: int) ->
     alpha = float(config.get("lora_alpha", rank))
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     tensors = _read_weights(path)
-    adapter = LoRAAdapter(name, str(path), rank)
+    adapter = LoRAAdapter(name, str(path), rank, serial)
     parts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     for key, a in tensors.items():
         if not key.endswith("lora_A.weight"):
@@ -112,6 +113,25 @@ def load_adapter(name: str, path: str | Path, args: ModelArgs, max_rank: int) ->
             row += size
         adapter.weights[module_name] = (a_full, b_full)
     return adapter
+
+
+@dataclass
+class LoRARegistry:
+    """The adapters served by name, and what checking one more against the model needs."""
+
+    args: ModelArgs
+    max_rank: int
+    adapters: dict[str, LoRAAdapter] = field(default_factory=dict)
+    loads: int = 0  # adapters loaded so far: each load's serial
+
+    def read(self, name: str, path: str | Path) -> LoRAAdapter:
+        """Reads and checks an adapter (file I/O: off the event loop); `add` serves it."""
+        return load_adapter(name, path, self.args, self.max_rank, serial=self.loads + 1)
+
+    def add(self, adapter: LoRAAdapter) -> None:
+        self.loads += 1
+        adapter.serial = self.loads
+        self.adapters[adapter.name] = adapter
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

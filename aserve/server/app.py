@@ -12,6 +12,7 @@ from aserve.server.completions import completions
 from aserve.server.errors import ERROR_HOOK, error_middleware, json_response
 from aserve.server.metrics import CONTENT_TYPE
 from aserve.server.middleware import REQUEST_ID, add_request_id, api_key_middleware
+from aserve.server.lora import add_lora_routes
 from aserve.server.page import add_page_routes
 from aserve.server.serving import ServingState
 from aserve.server.tokenize import detokenize, tokenize
@@ -20,15 +21,15 @@ from aserve.server.tokenize import detokenize, tokenize
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
     return json_response(responses.model_list(state.model_name, state.max_model_len, state.created,
-                                               state.lora_adapters))
+                                               {n: a.path for n, a in state.lora_adapters.items()}))
 
 
 async def get_model(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
     name = request.match_info["model"]
     if (adapter := state.check_model(name)) is not None:
-        return json_response(responses.model_card(adapter, state.max_model_len, state.created,
-                                                  parent=state.model_name, root=state.lora_adapters[adapter]))
+        return json_response(responses.model_card(adapter.name, state.max_model_len, state.created,
+                                                  parent=state.model_name, root=adapter.path))
     return json_response(responses.model_card(state.model_name, state.max_model_len, state.created))
 
 
@@ -77,6 +78,8 @@ def create_app(state: ServingState) -> web.Application:
         web.get("/health", health),
         web.get("/metrics", metrics),
     ])
+    if settings.allow_runtime_lora_updating:
+        add_lora_routes(app)
     if origins := [o.strip() for o in (settings.cors_allowed_origins or "").split(",") if o.strip()]:
         _allow_cors(app, origins)
     add_page_routes(app)  # same-origin: after the CORS routes

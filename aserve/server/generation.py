@@ -15,6 +15,7 @@ from typing import Any
 from aserve.engine.engine_loop import EngineError, GenerationRequest, RequestOutput
 from aserve.engine.sampler import TokenLogprobs
 from aserve.engine.sequence import SamplingParams
+from aserve.models.lora import LoRAAdapter
 from aserve.server import protocol
 from aserve.server.errors import APIError
 from aserve.server.serving import RequestRecord, ServingState
@@ -99,7 +100,7 @@ class Choice:
 
 def start(state: ServingState, rid: str, prompts: Sequence[list[int]], params: SamplingParams, n: int,
           grammar: Any = None, record: RequestRecord | None = None, cache_salt: str | None = None,
-          lora: str | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+          lora: LoRAAdapter | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Queues n choices per prompt (choice index = prompt index * n + j, as OpenAI numbers them)
     and returns their outputs as one stream of (index, output)."""
     state.check_engine()

@@ -162,6 +162,19 @@ class CompletionRequest(_GenerationRequest):
     best_of: Annotated[int | None, Field(ge=1)] = None
 
 
+class LoadLoRARequest(_Lenient):
+    """vLLM's POST /v1/load_lora_adapter."""
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=256)]
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class UnloadLoRARequest(_Lenient):
+    """vLLM's POST /v1/unload_lora_adapter."""
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class TokenizeRequest(_Lenient):
     """vLLM's /tokenize: either a prompt or chat messages."""
 

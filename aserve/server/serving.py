@@ -14,6 +14,7 @@ from aiohttp import web
 
 from aserve.engine.engine_loop import EngineLoop
 from aserve.engine.guided import GuidedDecoding
+from aserve.models.lora import LoRAAdapter, LoRARegistry
 from aserve.server.errors import APIError
 from aserve.config import ServerConfig
 from aserve.server.logprobs import TokenText
@@ -84,7 +85,7 @@ class ServingState:
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-tokenize"))
     engine_task: asyncio.Task | None = None
     created: int = field(default_factory=lambda: int(time.time()))  # the model card's "created"
-    lora_adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> its path
+    lora: LoRARegistry | None = None  # the served LoRA adapters; None: LoRA is off
     token_text: TokenText = field(init=False)
 
     def __post_init__(self) -> None:
@@ -93,25 +94,25 @@ class ServingState:
             self.metrics = Metrics(self.model_name)
         self.engine.observer = self.metrics
 
-    async def _in_tokenize_thread(self, fn: Callable[..., T], *args: Any) -> T:
+    async def in_tokenize_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn, *args)
 
     async def compile_grammar(self, response_format: dict) -> Any:
         try:
-            return await self._in_tokenize_thread(self.guided.compile, response_format)
+            return await self.in_tokenize_thread(self.guided.compile, response_format)
         except ValueError as exc:
             raise APIError(f"response_format: {exc}", param="response_format") from None
 
     async def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return await self._in_tokenize_thread(
+        return await self.in_tokenize_thread(
             lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     async def decode(self, ids: list[int]) -> str:
-        return await self._in_tokenize_thread(self.tokenizer.decode, ids)
+        return await self.in_tokenize_thread(self.tokenizer.decode, ids)
 
     async def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
                           add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
-        return await self._in_tokenize_thread(self._encode_chat, messages, tools, add_generation_prompt,
+        return await self.in_tokenize_thread(self._encode_chat, messages, tools, add_generation_prompt,
                                               add_special_tokens)
 
     def _encode_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None,
@@ -173,23 +174,28 @@ class ServingState:
             raise APIError(f"the prompt is {chars} characters long; the limit is {self.settings.max_prompt_chars}",
                            param=param, code="prompt_too_long")
 
-    def check_model(self, model: str | None) -> str | None:
+    @property
+    def lora_adapters(self) -> dict[str, LoRAAdapter]:
+        return self.lora.adapters if self.lora is not None else {}
+
+    def check_model(self, model: str | None) -> LoRAAdapter | None:
         """The LoRA adapter a request's `model` names, None for the base model (also when
         omitted, as vLLM does); a 404 for anything else."""
         if model is None or model == self.model_name:
             return None
-        if model in self.lora_adapters:
-            return model
+        if (adapter := self.lora_adapters.get(model)) is not None:
+            return adapter
         served = ", ".join(repr(m) for m in [self.model_name, *self.lora_adapters])
         raise APIError(f"the model {model!r} does not exist; this server serves {served}",
                        status=404, param="model", code="model_not_found")
 
-    def cache_salt(self, salt: str | None, adapter: str | None) -> str:
-        """The prefix-cache salt of a request: its own, plus its adapter's name and path, so that
-        no two adapters (nor one name reloaded from another path) share cached keys/values."""
+    @staticmethod
+    def cache_salt(salt: str | None, adapter: LoRAAdapter | None) -> str:
+        """The prefix-cache salt of a request: its own, plus its adapter's name, path and load,
+        so that no two adapters (nor one name reloaded, from any path) share keys/values."""
         if adapter is None:
             return salt or ""
-        return f"{salt or ''}\x00lora:{adapter}:{self.lora_adapters[adapter]}"
+        return f"{salt or ''}\x00lora:{adapter.name}:{adapter.path}:{adapter.serial}"
 
 
 ServingState.KEY = web.AppKey("serving_state", ServingState)
