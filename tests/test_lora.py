@@ -266,3 +266,21 @@ async def test_unloading_lets_running_requests_finish_and_then_the_name_is_gone(
 async def test_runtime_updates_are_not_routed_unless_allowed(lora_server, client):
     reply = await post(client, lora_server.url, {"lora_name": "x", "lora_path": "/x"}, path="/v1/load_lora_adapter")
     assert reply.status == 404
+
+
+async def test_metrics_count_running_and_waiting_requests_per_adapter(tiny_llama_dir, adapters, client, monkeypatch):
+    modules = ",".join(f"{name}={path}" for name, (path, _) in adapters.items())
+    # One adapter slot: "second" waits while "first" runs.
+    async with serve(tiny_llama_dir, {"enable_lora": True, "lora_modules": modules, "max_loras": 1,
+                                      "max_lora_rank": 8}) as lora_server:
+        slow_engine(lora_server.state, monkeypatch, 0.005)
+        tasks = [asyncio.create_task(_chat(client, lora_server, model, "Go on.", max_tokens=150, ignore_eos=True))
+                 for model in ("first", "first", "second")]
+        while lora_server.state.engine.stats()["running"] < 2:
+            await asyncio.sleep(0.01)
+        async with client.get(lora_server.url + "/metrics") as resp:
+            text = await resp.text()
+        await asyncio.gather(*tasks)
+    assert f'aserve:lora_requests_running{{lora_name="first",model_name="{lora_server.model}"}} 2.0' in text
+    assert f'aserve:lora_requests_waiting{{lora_name="second",model_name="{lora_server.model}"}} 1.0' in text
+    assert 'vllm:lora_requests_info{max_lora="1",running_lora_adapters="first",waiting_lora_adapters="second"}' in text

@@ -196,6 +196,17 @@ class EngineLoop:
             "steps": self.steps,
         }
 
+    def lora_requests(self) -> tuple[dict[str, int], dict[str, int]] | None:
+        """Running and waiting requests per LoRA adapter name; None without LoRA."""
+        if self.scheduler.loras is None:
+            return None
+        counts: tuple[dict[str, int], dict[str, int]] = ({}, {})
+        for table, seqs in zip(counts, (self.scheduler.running, self.scheduler.waiting)):
+            for seq in seqs:
+                if seq.lora is not None:
+                    table[seq.lora.name] = table.get(seq.lora.name, 0) + 1
+        return counts
+
     # ---- the step loop ----
 
     async def run(self) -> None:

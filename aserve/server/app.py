@@ -41,7 +41,9 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
-    body = state.metrics.render(state.engine.stats())
+    lora = state.engine.lora_requests()
+    body = state.metrics.render(state.engine.stats(), lora,
+                                state.engine.scheduler.loras.max_loras if lora is not None else 0)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -34,6 +34,15 @@ class Metrics:
         self.prefix_hits = Counter("aserve:prefix_cache_hits", "Prompt tokens found in the prefix cache", **labels)
         self.preemptions = Counter("aserve:num_preemptions", "Sequences preempted for want of KV blocks", **labels)
         self._engine_counts: dict[str, int] = {}
+        # LoRA: ours per adapter, and vLLM's info gauge in the form the Gateway API Inference
+        # Extension reads (adapter names comma-joined in labels, the value a timestamp).
+        self.lora_running = Gauge("aserve:lora_requests_running", "Running requests per LoRA adapter",
+                                  labelnames=["model_name", "lora_name"], registry=self.registry)
+        self.lora_waiting = Gauge("aserve:lora_requests_waiting", "Waiting requests per LoRA adapter",
+                                  labelnames=["model_name", "lora_name"], registry=self.registry)
+        self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting LoRA adapters (vLLM's)",
+                               labelnames=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+                               registry=self.registry)
         self.prompt_tokens = Counter("aserve:prompt_tokens", "Prompt tokens admitted", **labels)
         self.generation_tokens = Counter("aserve:generation_tokens", "Tokens generated", **labels)
         self.success = Counter("aserve:request_success", "Requests that finished, by finish reason",
@@ -80,7 +89,8 @@ class Metrics:
     def on_error(self, error_type: str, status: int, code: str | None) -> None:
         self.errors.labels(self._model, error_type, str(status), code or "").inc()
 
-    def render(self, stats: dict[str, int]) -> bytes:
+    def render(self, stats: dict[str, int], lora: tuple[dict[str, int], dict[str, int]] | None = None,
+               max_loras: int = 0) -> bytes:
         self.running.labels(self._model).set(stats["running"])
         self.waiting.labels(self._model).set(stats["waiting"])
         total = stats["kv_blocks_total"]
@@ -91,4 +101,13 @@ class Metrics:
                              (self.preemptions, "preemptions")):
             counter.labels(self._model).inc(max(stats[key] - self._engine_counts.get(key, 0), 0))
             self._engine_counts[key] = stats[key]
+        if lora is not None:
+            running, waiting = lora
+            for gauge, table in ((self.lora_running, running), (self.lora_waiting, waiting)):
+                gauge.clear()  # adapters that left would otherwise keep their last count
+                for name, count in table.items():
+                    gauge.labels(self._model, name).set(count)
+            self.lora_info.clear()
+            self.lora_info.labels(",".join(sorted(running)), ",".join(sorted(waiting)),
+                                  str(max_loras)).set_to_current_time()
         return generate_latest(self.registry)
