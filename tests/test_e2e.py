@@ -601,3 +601,52 @@ async def test_the_default_server_serves_the_models_whole_context(http: aiohttp.
             assert h["kv_blocks_free"] == h["kv_blocks_total"]
     finally:
         server.assert_clean_exit(signal.SIGTERM)
+
+
+@pytest.mark.e2e
+def test_lora_adapters_on_the_default_model_through_the_sdk(tmp_path: Path) -> None:
+    import json
+    import urllib.request
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from aserve.models.store import default_cache_dir, resolve_model
+
+    base = resolve_model(None, default_cache_dir())
+    for seed, name in enumerate(("alpha", "beta", "gamma")):  # random, not zero B: each changes the answer
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        get_peft_model(model, LoraConfig(r=8, lora_alpha=64, init_lora_weights=False, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).save_pretrained(tmp_path / name)
+    srv = _start("--enable-lora", "true", "--lora-modules", f"alpha={tmp_path / 'alpha'},beta={tmp_path / 'beta'}",
+                 "--allow-runtime-lora-updating", "true")
+
+    def post(path: str, body: dict) -> int:
+        request = urllib.request.Request(srv.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as resp:
+            return resp.status
+
+    try:
+        with openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0) as client:
+            assert [m.id for m in client.models.list().data] == [srv.model_name, "alpha", "beta"]
+
+            def answer(model: str, salt: str | None = None) -> str:
+                return client.chat.completions.create(model=model, messages=CAPITAL, temperature=0, max_tokens=16,
+                                                      extra_body={"cache_salt": salt} if salt else None
+                                                      ).choices[0].message.content
+
+            answers = {model: answer(model) for model in (srv.model_name, "alpha", "beta")}
+            assert "Paris" in answers[srv.model_name]
+            assert len(set(answers.values())) == 3, answers
+            assert post("/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": str(tmp_path / "gamma")}) == 200
+            assert "gamma" in [m.id for m in client.models.list().data]
+            assert answer("gamma") not in answers.values()
+            assert post("/v1/unload_lora_adapter", {"lora_name": "alpha"}) == 200
+            with pytest.raises(openai.NotFoundError):
+                answer("alpha")
+            # The other adapter is untouched (its prompt computed afresh, as the first time: in bfloat16
+            # a cached prefix may round differently).
+            assert answer("beta", salt="afresh") == answers["beta"]
+    finally:
+        srv.assert_clean_exit(signal.SIGTERM)
