@@ -2,16 +2,16 @@
 
 Decoding at small batch is bound by reading the weights, so the cheapest bytes are the ones
 never widened: a GGUF's 4-bit matrices are served as 4-bit (`Int4Linear`, torch's int4
-weight-only CPU kernel, 32 weights per scale and zero), its other quantized matrices as 8-bit
-with one scale per output channel (`Int8Linear`). Both kernels want bfloat16 (or float16)
-activations: with float32 activations they were 8x (int4) and 5x (int8) slower than a dense
-float32 matmul on the 2-core machine this was measured on, so `auto` keeps a file's
-quantization only with a half-precision dtype.
+weight-only CPU kernel, 32 weights per scale and zero), its 8-bit ones as int8 groups with a
+float32 scale each (`Int8Linear`, our csrc/int8_groups.cpp: Q8_0 and Q6_K exactly). Both want
+bfloat16 (or float16) activations: with float32 activations torch's int4 and int8 kernels
+were 8x and 5x slower than a dense float32 matmul on the 2-core machine this was measured
+on, so `auto` keeps a file's quantization only with a half-precision dtype.
 
 Modes (`--quantization`):
-- `auto`: a GGUF's linears as the file has them (4-bit -> Int4Linear exactly; Q8_0, Q6_K and
-  other quantized types -> Int8Linear, re-quantized per output channel; float stays dense),
-  when the activations are half precision; otherwise `none`.
+- `auto`: a GGUF's linears as the file has them (Q4_0/Q4_1/Q4_K -> Int4Linear; Q8_0, Q6_K ->
+  Int8Linear exactly; other quantized types -> Int8Linear rounded to 8 bits; float stays
+  dense), when the activations are half precision; otherwise `none`.
 - `none`: every linear dense in the model's dtype (a GGUF de-quantized, the old behaviour).
 - `int4`: every linear in 4 bits (groups of 32, round-to-nearest with a min and a scale, as a
   GGUF Q4_1), from whatever the model directory holds; with `--load-format dummy`, random
@@ -20,10 +20,9 @@ Modes (`--quantization`):
   dynamic quantization); 1.3x faster than float32 at batch 1 on CPUs without bfloat16.
 """
 
-import warnings
-
 import logging
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
