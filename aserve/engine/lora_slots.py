@@ -49,10 +49,6 @@ class AdapterSlots:
     def release(self, slot: int) -> None:
         self.users[slot] -= 1
 
-    def running(self) -> dict[str, int]:
-        """Running sequences per adapter name."""
-        return {a.name: self.users[slot] for a, slot in self.slot_of.items() if self.users[slot]}
-
     def take_pending(self) -> list[tuple[int, LoRAAdapter]]:
         pending, self.pending = self.pending, []
         return pending

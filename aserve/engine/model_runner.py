@@ -95,7 +95,7 @@ class ModelRunner:
         positions: list[int] = []
         token_blocks: list[int] = []  # the block each token's key/value goes to
         first_token: dict[int, int] = {}  # scheduled index -> index of its first token in the batch
-        lora_slots: list[int] = []  # each token's LoRA slot, -1 for the base model
+        lora_slots: list[int] = []  # each token's LoRA slot, -1 for the base model (with LoRA enabled)
         block_tables: list[list[int]] = []
         query_rows: list[int] = []
         context_lens: list[int] = []
@@ -105,7 +105,8 @@ class ModelRunner:
             seq, start = item.seq, item.seq.num_computed
             span = range(start, start + item.num_tokens)
             first_token[index] = len(input_ids)
-            lora_slots.extend([-1 if seq.lora_slot is None else seq.lora_slot] * item.num_tokens)
+            if self.loras is not None:
+                lora_slots.extend([-1 if seq.lora_slot is None else seq.lora_slot] * item.num_tokens)
             input_ids.extend(seq.tokens(span.start, span.stop))
             positions.extend(span)
             token_blocks.extend(seq.block_table[p // size] for p in span)

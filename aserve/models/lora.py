@@ -53,12 +53,12 @@ class LoRAAdapter:
     name: str
     path: str
     rank: int
-    serial: int = 0  # which load this is (a name reloaded from the same path is another adapter)
+    serial: int = 0  # which load this is, set when served (a name reloaded from the same path is another adapter)
     # "layers.{i}.{module}" -> (A [parts * rank, in], B [out, parts * rank], scaling folded in)
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def load_adapter(name: str, path: str | Path, args: ModelArgs, max_rank: int, serial: int = 0) -> LoRAAdapter:
+def load_adapter(name: str, path: str | Path, args: ModelArgs, max_rank: int) -> LoRAAdapter:
     """Reads a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors or .bin)
     and checks it against the base model; LoRAError says what does not fit."""
     path = Path(path)
@@ -78,7 +78,7 @@ def load_adapter(name: str, path: str | Path, args: ModelArgs, max_rank: int, se
     alpha = float(config.get("lora_alpha", rank))
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     tensors = _read_weights(path)
-    adapter = LoRAAdapter(name, str(path), rank, serial)
+    adapter = LoRAAdapter(name, str(path), rank)
     parts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     for key, a in tensors.items():
         if not key.endswith("lora_A.weight"):
@@ -126,7 +126,7 @@ class LoRARegistry:
 
     def read(self, name: str, path: str | Path) -> LoRAAdapter:
         """Reads and checks an adapter (file I/O: off the event loop); `add` serves it."""
-        return load_adapter(name, path, self.args, self.max_rank, serial=self.loads + 1)
+        return load_adapter(name, path, self.args, self.max_rank)
 
     def add(self, adapter: LoRAAdapter) -> None:
         self.loads += 1

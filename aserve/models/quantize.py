@@ -215,9 +215,10 @@ def fill_quantized(kinds: dict[str, str], state: dict[str, torch.Tensor] | None,
                 weight if isinstance(weight, torch.Tensor) else weight.dequantize())
             buffers = Int4Linear.buffers_from(groups)
         else:
-            exact = isinstance(weight, Int8Groups) and weight.group == module.group
-            dense = weight if isinstance(weight, torch.Tensor) else weight.dequantize()
-            buffers = Int8Linear.buffers_from(weight if exact else quantize_int8(dense, module.group))
+            if not (isinstance(weight, Int8Groups) and weight.group == module.group):  # else as stored, exactly
+                dense = weight if isinstance(weight, torch.Tensor) else weight.dequantize()
+                weight = quantize_int8(dense, module.group)
+            buffers = Int8Linear.buffers_from(weight)
         for key, value in buffers.items():
             setattr(module, key, value.to(getattr(module, key).dtype))  # the dtype the loader gave it
 
@@ -252,7 +253,6 @@ def count(model: nn.Module) -> dict[str, int]:
         if name:
             kinds[name] = kinds.get(name, 0) + 1
     return kinds
-
 
 
 def _seconds(fn: Callable[[], torch.Tensor], repeat: int = 7) -> float:
