@@ -47,6 +47,7 @@ class ModelConfig:
     lora_modules: str | None = None  # "NAME=PATH,NAME=PATH"; each NAME is a model in /v1/models
     max_loras: int = 4  # different adapters in one step; sequences of others wait
     max_lora_rank: int = 16  # adapters of a higher rank are refused at start
+    max_cpu_loras: int = 0  # adapters kept in memory, most recently used; others are read back when asked; 0: all
     # auto: sampling defaults from the model's generation_config.json (as vLLM); none: OpenAI's defaults
     generation_config: str = "auto"
 

@@ -63,6 +63,9 @@ def _check_settings(config: Config) -> None:
     lora_modules(config)  # raises for a malformed list
     if mc.max_loras < 1 or mc.max_lora_rank < 1:
         raise ValueError("max_loras and max_lora_rank must be at least 1")
+    if mc.max_cpu_loras and mc.max_cpu_loras < mc.max_loras:
+        # as vLLM: every adapter a step may run must be in memory at once
+        raise ValueError(f"max_cpu_loras ({mc.max_cpu_loras}) must be 0 (all) or at least max_loras ({mc.max_loras})")
     if ec.prefill_budget_while_decoding < 0:
         raise ValueError("prefill_budget_while_decoding must be 0 (no cap) or positive")
 
@@ -102,12 +105,13 @@ def _load_adapters(config: Config, loaded: LoadedModel) -> tuple[LoRARegistry, A
     mc = config.model
     if not mc.enable_lora:
         return None
-    registry = LoRARegistry(loaded.args, mc.max_lora_rank)
+    registry = LoRARegistry(loaded.args, mc.max_lora_rank, mc.max_cpu_loras)
     for name, path in lora_modules(config).items():
         registry.add(registry.read(name, path))
     loaded.model.lora = wrap_model(loaded.model, loaded.args, mc.max_loras, mc.max_lora_rank, loaded.dtype)
-    log.info("LoRA: %d adapter(s) (%s), %d slots of rank %d", len(registry.adapters),
-             ", ".join(registry.adapters) or "none", mc.max_loras, mc.max_lora_rank)
+    log.info("LoRA: %d adapter(s) (%s), %d slots of rank %d, %s in memory", len(registry.adapters),
+             ", ".join(registry.adapters) or "none", mc.max_loras, mc.max_lora_rank,
+             f"at most {mc.max_cpu_loras}" if mc.max_cpu_loras else "all")
     return registry, AdapterSlots(mc.max_loras)
 
 

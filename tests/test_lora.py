@@ -41,15 +41,16 @@ def adapters(tiny_llama_dir, tmp_path):
 
 def _runner(model_dir, adapter_dirs: dict, max_loras: int = 2):
     loaded = load_model(model_dir, "cpu", "float32", 128)
-    loaded_adapters = {name: lora.load_adapter(name, path, loaded.args, max_rank=8)
-                       for name, path in adapter_dirs.items()}
+    registry = lora.LoRARegistry(loaded.args, max_rank=8)
+    for name, path in adapter_dirs.items():
+        registry.add(registry.read(name, path))
     context = lora.wrap_model(loaded.model, loaded.args, max_loras, 8, torch.float32)
     loaded.model.lora = context
     slots = AdapterSlots(max_loras)
     kv = KVCache.allocate(loaded.args, 256 * KVCache.bytes_per_block(loaded.args, 4, loaded.dtype), 4,
                           loaded.dtype, loaded.device)
     runner = ModelRunner(loaded.model, kv, BlockManager(kv.num_blocks, 4), loaded.device, seed=0, loras=slots)
-    runner.adapters = loaded_adapters  # by name, for _logits
+    runner.adapters = registry.adapters  # by name, for _logits
     return runner
 
 
@@ -128,7 +129,7 @@ def test_an_adapter_for_another_model_is_refused_naming_the_shapes(tiny_llama_di
 
 
 def test_slots_go_to_waiting_adapters_least_recently_used_first():
-    first, second, third = (lora.LoRAAdapter(name, f"/{name}", 4) for name in "abc")
+    first, second, third = (lora.LoRAAdapter(name, f"/{name}", 4, serial) for serial, name in enumerate("abc", 1))
     slots = AdapterSlots(max_loras=2)
     a, b = slots.acquire(first), slots.acquire(second)
     assert slots.acquire(third) is None  # both slots serve running sequences
@@ -138,6 +139,32 @@ def test_slots_go_to_waiting_adapters_least_recently_used_first():
     slots.release(b)
     assert slots.acquire(first) == b
     assert [slot for slot, _ in slots.take_pending()] == [a, b, a, b]
+
+
+def test_past_max_cpu_loras_the_least_recently_used_adapter_leaves_memory(tiny_llama_dir, adapters, tmp_path):
+    make_adapter(tiny_llama_dir, tmp_path / "third", seed=3)
+    args = load_model(tiny_llama_dir, "cpu", "float32", 64).args
+    registry = lora.LoRARegistry(args, max_rank=8, max_cpu_loras=2)
+    for name, path in (("first", adapters["first"][0]), ("second", adapters["second"][0]), ("third", tmp_path / "third")):
+        registry.add(registry.read(name, path))
+    assert registry.in_memory() == ["second", "third"]
+    evicted = registry.adapters["first"]
+    assert evicted.weights == {} and evicted.serial == 1  # still served: name, path and serial kept
+    registry.use(registry.adapters["second"])
+    back = registry.reload(evicted)
+    registry.reloaded(evicted, back)
+    assert registry.in_memory() == ["second", "first"]  # third was the least recently used
+    assert back.serial == 1 and registry.adapters["first"] is back
+    assert all(torch.equal(back.weights[k][1], w[1]) for k, w in registry.read("first", adapters["first"][0]).weights.items())
+
+
+def test_a_request_holds_its_adapter_when_the_registry_evicts_it(tiny_llama_dir, adapters):
+    args = load_model(tiny_llama_dir, "cpu", "float32", 64).args
+    registry = lora.LoRARegistry(args, max_rank=8, max_cpu_loras=1)
+    registry.add(registry.read("first", adapters["first"][0]))
+    held = registry.adapters["first"]  # what a queued request holds
+    registry.add(registry.read("second", adapters["second"][0]))
+    assert registry.adapters["first"].weights == {} and held.weights  # the request's copy keeps its weights
 
 
 # ---------------------------------------------------------------------------- through the server
@@ -197,6 +224,33 @@ async def test_an_unknown_model_is_a_404_naming_what_is_served(lora_server, clie
     reply = await post(client, lora_server.url, {"model": "third", "messages": [{"role": "user", "content": "hi"}]})
     assert reply.status == 404
     assert "'first', 'second'" in reply.body["error"]["message"]
+
+
+async def test_an_adapter_evicted_from_memory_is_read_back_and_answers_the_same(tiny_llama_dir, adapters, client):
+    modules = ",".join(f"{name}={path}" for name, (path, _) in adapters.items())
+    async with serve(tiny_llama_dir, {"enable_lora": True, "lora_modules": modules, "max_loras": 1,
+                                      "max_cpu_loras": 1, "max_lora_rank": 8}) as server:
+        assert server.state.lora.in_memory() == ["second"]
+        first = await _chat(client, server, "first", "Tell me about the sea.")
+        assert server.state.lora.in_memory() == ["first"]
+        second = await _chat(client, server, "second", "Tell me about the sea.")
+        again = await _chat(client, server, "first", "Tell me about the sea.")
+        assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+        assert second["choices"][0]["message"]["content"] != first["choices"][0]["message"]["content"]
+        # the same load read back: its cached prompt blocks still serve it
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+async def test_an_evicted_adapter_whose_files_are_gone_is_a_500_and_the_server_keeps_serving(
+        tiny_llama_dir, adapters, client):
+    modules = ",".join(f"{name}={path}" for name, (path, _) in adapters.items())
+    async with serve(tiny_llama_dir, {"enable_lora": True, "lora_modules": modules, "max_loras": 1,
+                                      "max_cpu_loras": 1, "max_lora_rank": 8}) as server:
+        (adapters["first"][0] / "adapter_model.safetensors").unlink()
+        reply = await post(client, server.url, {"model": "first", "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status == 500 and reply.body["error"]["code"] == "lora_load_failed"
+        assert "could not be read back" in reply.body["error"]["message"]
+        await _chat(client, server, "second", "still there?")
 
 
 # ---------------------------------------------------------------------------- runtime updates

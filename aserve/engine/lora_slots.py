@@ -2,7 +2,8 @@
 
 Sequences hold the loaded adapter object itself, not its name: an adapter unloaded at run time
 (server/lora.py) leaves the served list at once, and its running and waiting requests finish
-on it.
+on it. Slots are keyed by the adapter's serial (one per load), so the same load read back from
+disk after an eviction from memory finds the slot that still holds it.
 
 The model has `max_loras` adapter slots (models/lora.py). A sequence of an adapter is admitted
 only when its adapter is in a slot or a slot is free of running sequences; the scheduler then
@@ -20,7 +21,7 @@ from aserve.models.lora import LoRAAdapter
 @dataclass
 class AdapterSlots:
     max_loras: int
-    slot_of: dict[LoRAAdapter, int] = field(default_factory=dict)  # adapter -> its slot
+    slot_of: dict[int, int] = field(default_factory=dict)  # adapter's serial -> its slot
     users: list[int] = field(default_factory=list)  # running sequences per slot
     last_used: list[int] = field(default_factory=list)
     pending: list[tuple[int, LoRAAdapter]] = field(default_factory=list)  # (slot, adapter) to load
@@ -32,15 +33,16 @@ class AdapterSlots:
 
     def acquire(self, adapter: LoRAAdapter) -> int | None:
         """A slot holding `adapter` for one more running sequence, or None if none can now."""
+        assert adapter.serial > 0, f"LoRA adapter {adapter.name!r} is not served (LoRARegistry.add sets its serial)"
         self.clock += 1
-        slot = self.slot_of.get(adapter)
+        slot = self.slot_of.get(adapter.serial)
         if slot is None:
             free = [s for s in range(self.max_loras) if self.users[s] == 0]
             if not free:
                 return None
             slot = min(free, key=lambda s: self.last_used[s])
             self.slot_of = {a: s for a, s in self.slot_of.items() if s != slot}
-            self.slot_of[adapter] = slot
+            self.slot_of[adapter.serial] = slot
             self.pending.append((slot, adapter))
         self.users[slot] += 1
         self.last_used[slot] = self.clock

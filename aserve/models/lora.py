@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,13 +49,17 @@ def part_sizes(args: ModelArgs, module: str) -> tuple[list[int], int]:
             "mlp.gate_up_proj": ([i, i], h), "mlp.down_proj": ([h], i)}[module]
 
 
-@dataclass(eq=False)  # compared and hashed by identity: the engine keys its slots by the loaded object
+@dataclass(eq=False)
 class LoRAAdapter:
     name: str
     path: str
     rank: int
-    serial: int = 0  # which load this is, set when served (a name reloaded from the same path is another adapter)
-    # "layers.{i}.{module}" -> (A [parts * rank, in], B [out, parts * rank], scaling folded in)
+    # Which load this is, set when served: a name loaded again at run time (from any path) is
+    # another adapter, while the same load read back from disk after eviction is the same one.
+    # The engine keys its slots by it.
+    serial: int = 0
+    # "layers.{i}.{module}" -> (A [parts * rank, in], B [out, parts * rank], scaling folded in);
+    # empty in the registry's entry of an adapter evicted from memory (max_cpu_loras)
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -117,12 +122,19 @@ def load_adapter(name: str, path: str | Path, args: ModelArgs, max_rank: int) ->
 
 @dataclass
 class LoRARegistry:
-    """The adapters served by name, and what checking one more against the model needs."""
+    """The adapters served by name, and what checking one more against the model needs.
+
+    At most `max_cpu_loras` of them (0: all) keep their weights in memory, the most recently
+    used; the others' entries keep only name, path and serial, and a request for one reads it
+    back from disk (`reload`). Requests hold the loaded adapter itself, so an eviction never
+    takes weights from a request that is queued or running."""
 
     args: ModelArgs
     max_rank: int
+    max_cpu_loras: int = 0
     adapters: dict[str, LoRAAdapter] = field(default_factory=dict)
     loads: int = 0  # adapters loaded so far: each load's serial
+    _recent: OrderedDict[str, None] = field(default_factory=OrderedDict)  # names in memory, least recent first
 
     def read(self, name: str, path: str | Path) -> LoRAAdapter:
         """Reads and checks an adapter (file I/O: off the event loop); `add` serves it."""
@@ -132,6 +144,37 @@ class LoRARegistry:
         self.loads += 1
         adapter.serial = self.loads
         self.adapters[adapter.name] = adapter
+        self.use(adapter)
+
+    def remove(self, name: str) -> LoRAAdapter | None:
+        self._recent.pop(name, None)
+        return self.adapters.pop(name, None)
+
+    def in_memory(self) -> list[str]:
+        return list(self._recent)
+
+    def use(self, adapter: LoRAAdapter) -> None:
+        """Marks a loaded adapter most recently used, evicting the least recently used past the cap."""
+        self._recent[adapter.name] = None
+        self._recent.move_to_end(adapter.name)
+        while self.max_cpu_loras and len(self._recent) > self.max_cpu_loras:
+            name, _ = self._recent.popitem(last=False)
+            self.adapters[name] = replace(self.adapters[name], weights={})
+
+    def reload(self, entry: LoRAAdapter) -> LoRAAdapter:
+        """An evicted adapter read back from its path (file I/O: off the event loop), as the
+        same load: same serial, so the same slots and cached blocks serve it. `use` serves it."""
+        adapter = self.read(entry.name, entry.path)
+        adapter.serial = entry.serial
+        return adapter
+
+    def reloaded(self, entry: LoRAAdapter, adapter: LoRAAdapter) -> None:
+        """Puts a reloaded adapter back in the registry, unless its name was unloaded or loaded
+        again meanwhile (then only the request that read it uses it)."""
+        current = self.adapters.get(entry.name)
+        if current is not None and current.serial == entry.serial:
+            self.adapters[entry.name] = adapter
+            self.use(adapter)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -222,6 +265,7 @@ def wrap_model(model: nn.Module, args: ModelArgs, slots: int, max_rank: int, dty
 
 def load_into_slot(model: nn.Module, slot: int, adapter: LoRAAdapter | None) -> None:
     """Fills `slot` of every LoRALinear with `adapter` (None: empties it)."""
+    assert adapter is None or adapter.weights, f"LoRA adapter {adapter.name!r} has no weights in memory"
     for i, layer in enumerate(model.layers):
         for module in MODULES:
             weights = None if adapter is None else adapter.weights.get(f"layers.{i}.{module}")

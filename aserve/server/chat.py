@@ -64,7 +64,7 @@ def forced_calls(req: protocol.ChatCompletionRequest, text: str) -> list[ToolCal
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state: ServingState = request.app[ServingState.KEY]
     req = protocol.parse_chat_request(await read_json(request))
-    lora = state.check_model(req.model)
+    lora = await state.loaded_adapter(state.check_model(req.model))
     limits = state.settings
     if len(req.messages) > limits.max_messages:
         raise APIError(f"too many messages: {len(req.messages)}, the limit is {limits.max_messages}", param="messages")
@@ -86,17 +86,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     with state.admit(n, request_id(request), rid) as record:
         outputs = generation.start(state, rid, [prompt_ids], params, n, grammar, record, req.cache_salt, lora)
-        reply = _Reply(state, req, rid, int(time.time()))
+        reply = _Reply(state, req, rid, int(time.time()), state.model_name if lora is None else lora.name)
         if req.stream:
             return await reply.stream(request, outputs, n, record)
         return json_response(reply.complete(await generation.collect(outputs, n)))
 
 
 class _Reply:
-    def __init__(self, state: ServingState, req: protocol.ChatCompletionRequest, rid: str, created: int) -> None:
+    def __init__(self, state: ServingState, req: protocol.ChatCompletionRequest, rid: str, created: int,
+                 model: str) -> None:
         self.state, self.req, self.rid, self.created = state, req, rid, created
-        # The model the response names: the adapter asked for, else the base model.
-        self.model = req.model if req.model in state.lora_adapters else state.model_name
+        self.model = model  # the name the response gives: the adapter asked for, else the base model
         self.parses_tools = bool(req.tools) and req.tool_choice in (None, "auto")
         self.forced = req.tools is not None and req.tool_choice not in (None, "auto", "none")
         self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)

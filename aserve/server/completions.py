@@ -37,7 +37,7 @@ async def prompt_ids(state: ServingState, prompt: str | list) -> list[list[int]]
 async def completions(request: web.Request) -> web.StreamResponse:
     state: ServingState = request.app[ServingState.KEY]
     req = protocol.parse_completion_request(await read_json(request))
-    lora = state.check_model(req.model)
+    lora = await state.loaded_adapter(state.check_model(req.model))
     texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
     state.check_prompt_chars(sum(map(len, texts)), "prompt")
     prompts = await prompt_ids(state, req.prompt)
@@ -51,18 +51,18 @@ async def completions(request: web.Request) -> web.StreamResponse:
     rid = f"cmpl-{uuid.uuid4().hex}"
     with state.admit(n * len(prompts), request_id(request), rid) as record:
         outputs = generation.start(state, rid, prompts, params, n, grammar, record, req.cache_salt, lora)
-        reply = _Reply(state, req, rid, int(time.time()), prompts, echoes, n)
+        reply = _Reply(state, req, rid, int(time.time()), state.model_name if lora is None else lora.name,
+                       prompts, echoes, n)
         if req.stream:
             return await reply.stream(request, outputs, record)
         return json_response(reply.complete(await generation.collect(outputs, n * len(prompts))))
 
 
 class _Reply:
-    def __init__(self, state: ServingState, req: protocol.CompletionRequest, rid: str, created: int,
+    def __init__(self, state: ServingState, req: protocol.CompletionRequest, rid: str, created: int, model: str,
                  prompts: list[list[int]], echoes: list[str] | None, n: int) -> None:
         self.state, self.req, self.rid, self.created = state, req, rid, created
-        # The model the response names: the adapter asked for, else the base model.
-        self.model = req.model if req.model in state.lora_adapters else state.model_name
+        self.model = model  # the name the response gives: the adapter asked for, else the base model
         self.prompts, self.echoes, self.n = prompts, echoes, n
         self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
 

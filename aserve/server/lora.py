@@ -51,7 +51,7 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
     state: ServingState = request.app[ServingState.KEY]
     req = protocol.parse_request(protocol.UnloadLoRARequest, await read_json(request))
     registry = _registry(state)
-    if registry.adapters.pop(req.lora_name, None) is None:
+    if registry.remove(req.lora_name) is None:
         raise APIError(f"the LoRA adapter {req.lora_name!r} cannot be found", status=404, param="lora_name",
                        code="model_not_found")
     log.info("LoRA adapter %r unloaded", req.lora_name)

@@ -189,6 +189,22 @@ class ServingState:
         raise APIError(f"the model {model!r} does not exist; this server serves {served}",
                        status=404, param="model", code="model_not_found")
 
+    async def loaded_adapter(self, adapter: LoRAAdapter | None) -> LoRAAdapter | None:
+        """`adapter` with its weights in memory: an adapter evicted (max_cpu_loras) is read
+        back from its path on the tokenize thread."""
+        if adapter is None or self.lora is None:
+            return adapter
+        if adapter.weights:
+            self.lora.use(adapter)
+            return adapter
+        try:
+            loaded = await self.in_tokenize_thread(self.lora.reload, adapter)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:  # its files changed or went away
+            raise APIError(f"the LoRA adapter {adapter.name!r} could not be read back from {adapter.path}: "
+                           f"{type(exc).__name__}: {exc}", status=500, code="lora_load_failed") from None
+        self.lora.reloaded(adapter, loaded)
+        return loaded
+
     @staticmethod
     def cache_salt(salt: str | None, adapter: LoRAAdapter | None) -> str:
         """The prefix-cache salt of a request: its own, plus its adapter's name, path and load,
