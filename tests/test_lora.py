@@ -14,7 +14,7 @@ from aserve.engine.block_manager import BlockManager
 from aserve.engine.kv_cache import KVCache
 from aserve.engine.lora_slots import AdapterSlots
 from aserve.engine.model_runner import ModelRunner
-from aserve.engine.scheduler import ScheduledSeq
+from aserve.engine.scheduler import ScheduledSeq, Scheduler
 from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from aserve.models import lora
 from aserve.models.loader import load_model
@@ -65,8 +65,8 @@ def _logits(runner: ModelRunner, prompts: list[tuple[list[int], str | None]]) ->
             seq.lora_slot = runner.loras.acquire(adapter)
         assert runner.blocks.reserve(seq, len(prompt))
         seqs.append(seq)
-    for slot, adapter in runner.loras.take_pending():
-        lora.load_into_slot(runner.model, slot, adapter)
+    while runner.loras.loading:  # a layer at a time, as between forwards under load
+        runner.load_adapters(0)
     batch, _ = runner._build_batch([ScheduledSeq(s, len(s.prompt_ids)) for s in seqs])
     batch.logits_indices = torch.arange(batch.input_ids.numel())
     with torch.inference_mode():
@@ -138,7 +138,29 @@ def test_slots_go_to_waiting_adapters_least_recently_used_first():
     assert slots.acquire(first) is None
     slots.release(b)
     assert slots.acquire(first) == b
-    assert [slot for slot, _ in slots.take_pending()] == [a, b, a, b]
+    assert {slot: adapter.name for slot, (adapter, _) in slots.loading.items()} == {a: "c", b: "a"}
+
+
+def test_a_slot_is_filled_a_layer_per_call_when_the_budget_is_spent(tiny_llama_dir, adapters):
+    runner = _runner(tiny_llama_dir, {"first": adapters["first"][0]})
+    slot = runner.loras.acquire(runner.adapters["first"])
+    for _ in range(len(runner.model.layers) - 1):
+        runner.load_adapters(0)
+        assert not runner.loras.ready(slot)
+    runner.load_adapters(0)
+    assert runner.loras.ready(slot)
+
+
+def test_an_adapters_sequence_waits_for_its_slot_while_base_model_sequences_run():
+    slots = AdapterSlots(max_loras=1)
+    s = Scheduler(BlockManager(64, 4), 4, 64, 64, [2], loras=slots)
+    adapter = lora.LoRAAdapter("a", "/a", 4, serial=1)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    s.add(Sequence("lora", [10, 11, 12], params, lora=adapter))
+    s.add(Sequence("base", [10, 11, 12], params))
+    assert [item.seq.request_id for item in s.schedule()] == ["base"]  # "lora" admitted, its slot filling
+    slots.loading.clear()  # what the model runner does once every layer is filled
+    assert "lora" in [item.seq.request_id for item in s.schedule()]
 
 
 def test_past_max_cpu_loras_the_least_recently_used_adapter_leaves_memory(tiny_llama_dir, adapters, tmp_path):

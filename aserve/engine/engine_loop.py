@@ -220,6 +220,8 @@ class EngineLoop:
                 self._drop_aborted()
                 scheduled = self.scheduler.schedule()
                 if not scheduled:
+                    if self.scheduler.loading_adapters():  # nothing else to run: fill the slots at once
+                        await loop.run_in_executor(self.model_thread, self.runner.load_adapters)
                     await asyncio.sleep(0)
                     continue
                 if self.observer is not None:

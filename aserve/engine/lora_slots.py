@@ -9,8 +9,13 @@ The model has `max_loras` adapter slots (models/lora.py). A sequence of an adapt
 only when its adapter is in a slot or a slot is free of running sequences; the scheduler then
 waits (first come, first served, so no adapter starves). A slot keeps its adapter after its
 last sequence leaves, until another adapter needs the slot: the least recently used free slot
-goes first. Loads are queued here by the scheduler and done by the model runner on the model
-thread before its next forward, never while a forward reads the slots.
+goes first.
+
+Filling a slot (copying an adapter into every layer and repacking those layers' matrices) took
+about 100 ms on the default model, more than a decode step: done at once, it stalled every
+running stream. So the model runner fills a slot a few layers at a time, before each forward
+and never while one reads the slots, for at most half the last forward's time (`load_budget`),
+and the sequences of a slot still loading wait (admitted, but not scheduled) until it is ready.
 """
 
 from dataclasses import dataclass, field
@@ -24,7 +29,7 @@ class AdapterSlots:
     slot_of: dict[int, int] = field(default_factory=dict)  # adapter's serial -> its slot
     users: list[int] = field(default_factory=list)  # running sequences per slot
     last_used: list[int] = field(default_factory=list)
-    pending: list[tuple[int, LoRAAdapter]] = field(default_factory=list)  # (slot, adapter) to load
+    loading: dict[int, tuple[LoRAAdapter, int]] = field(default_factory=dict)  # slot -> (adapter, next layer)
     clock: int = 0
 
     def __post_init__(self) -> None:
@@ -43,7 +48,7 @@ class AdapterSlots:
             slot = min(free, key=lambda s: self.last_used[s])
             self.slot_of = {a: s for a, s in self.slot_of.items() if s != slot}
             self.slot_of[adapter.serial] = slot
-            self.pending.append((slot, adapter))
+            self.loading[slot] = (adapter, 0)  # replaces a load left unfinished by sequences that went
         self.users[slot] += 1
         self.last_used[slot] = self.clock
         return slot
@@ -51,6 +56,16 @@ class AdapterSlots:
     def release(self, slot: int) -> None:
         self.users[slot] -= 1
 
-    def take_pending(self) -> list[tuple[int, LoRAAdapter]]:
-        pending, self.pending = self.pending, []
-        return pending
+    def ready(self, slot: int) -> bool:
+        return slot not in self.loading
+
+    def next_load(self, num_layers: int) -> tuple[int, LoRAAdapter, int] | None:
+        """(slot, adapter, layer) to fill next, counted as done; None when every slot is ready."""
+        if not self.loading:
+            return None
+        slot, (adapter, layer) = next(iter(self.loading.items()))
+        if layer + 1 >= num_layers:
+            del self.loading[slot]
+        else:
+            self.loading[slot] = (adapter, layer + 1)
+        return slot, adapter, layer

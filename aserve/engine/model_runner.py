@@ -4,6 +4,8 @@ from collections.abc import Callable, Collection
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+import time
+
 import torch
 
 from aserve.engine.block_manager import BlockManager
@@ -38,7 +40,8 @@ class ModelRunner:
         self.blocks = blocks  # its pending block copies run here, before each forward
         self.device = device
         self.eos_token_ids = tuple(eos_token_ids)  # masked while a sequence is short of min_tokens
-        self.loras = loras  # adapter loads the scheduler queued run here, before a forward
+        self.loras = loras  # adapter slots the scheduler assigned are filled here, between forwards
+        self.last_forward_s = 0.0  # the last step's forward and sampling: paces adapter loads
         # Called with (scheduled, logits) after each forward: tests inject faults here (raise, or
         # write NaN into the logits) to check that only the affected requests fail.
         self.fault_hook: Callable[[Seq[ScheduledSeq], torch.Tensor], None] | None = None
@@ -53,9 +56,9 @@ class ModelRunner:
         with torch.inference_mode():
             self.kv_cache.copy_blocks(self.blocks.take_copies())
             if self.loras is not None:
-                for slot, adapter in self.loras.take_pending():
-                    load_into_slot(self.model, slot, adapter)
+                self.load_adapters(self.last_forward_s / 2)
             batch, prompt_rows = self._build_batch(scheduled)
+            started = time.perf_counter()
             logits = self.model(batch, self.kv_cache.k, self.kv_cache.v)
             if self.fault_hook is not None:
                 self.fault_hook(scheduled, logits)
@@ -65,6 +68,7 @@ class ModelRunner:
             finite = torch.isfinite(logits[: len(sampling)]).all(dim=-1)
             sampled.tokens = sampled.tokens.masked_fill(~finite, -1)
             token_list, logprob_list = sampled.to_host(sampling)  # the step's one host sync (without logprobs)
+            self.last_forward_s = time.perf_counter() - started
             if -1 in token_list:
                 # The engine then reruns the step's sequences one by one and fails only those that fail alone.
                 raise FloatingPointError(f"non-finite logits for {token_list.count(-1)} of {len(token_list)} sequences")
@@ -80,6 +84,18 @@ class ModelRunner:
         tokens, logprobs = iter(token_list), iter(logprob_list)
         return StepOutput([next(tokens) if s.samples else None for s in scheduled],
                           [next(logprobs) if s.samples else None for s in scheduled], prompt_lps)
+
+    def load_adapters(self, budget_s: float | None = None) -> None:
+        """Fills LoRA slots a layer at a time for about `budget_s` (at least one layer; None:
+        until every slot is ready). On the model thread, between forwards."""
+        assert self.loras is not None
+        deadline = None if budget_s is None else time.perf_counter() + budget_s
+        with torch.inference_mode():
+            while (load := self.loras.next_load(len(self.model.layers))) is not None:
+                slot, adapter, layer = load
+                load_into_slot(self.model, slot, adapter, range(layer, layer + 1))
+                if deadline is not None and time.perf_counter() >= deadline:
+                    break
 
     def _build_batch(self, scheduled: Seq[ScheduledSeq]) -> tuple[ForwardBatch, list[tuple[int, list[int]]]]:
         """Also returns, for each chunk that wants prompt logprobs, (its index, the prompt tokens

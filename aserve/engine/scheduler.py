@@ -87,7 +87,8 @@ class Scheduler:
         prefills: list[ScheduledSeq] = []
         decoding = bool(decodes)
         for seq in self.running:
-            if seq.in_prefill and (chunk := self._prefill_chunk(seq, budget, not prefills, decoding)):
+            if seq.in_prefill and self._lora_ready(seq) and \
+                    (chunk := self._prefill_chunk(seq, budget, not prefills, decoding)):
                 prefills.append(chunk)
                 budget -= self.prefill_cost(seq.num_computed, chunk.num_tokens)
         for seq in list(self.waiting):
@@ -97,6 +98,8 @@ class Scheduler:
                 continue
             if not self._admit(seq):
                 break  # first come, first served: nobody overtakes a prompt that does not fit yet
+            if not self._lora_ready(seq):
+                continue  # admitted: it prefills once the model runner has filled its adapter's slot
             if not (chunk := self._prefill_chunk(seq, budget, not prefills, decoding)):
                 break  # admitted: it prefills from the next step on
             prefills.append(chunk)
@@ -144,6 +147,13 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return True
+
+    def _lora_ready(self, seq: Sequence) -> bool:
+        return seq.lora_slot is None or self.loras is None or self.loras.ready(seq.lora_slot)
+
+    def loading_adapters(self) -> bool:
+        """Whether admitted sequences wait for the model runner to fill their adapter's slot."""
+        return self.loras is not None and bool(self.loras.loading)
 
     def _release_lora(self, seq: Sequence) -> None:
         if seq.lora_slot is not None and self.loras is not None:

@@ -23,6 +23,10 @@ class OneDNNLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
+    def binary(self, x: torch.Tensor, other: torch.Tensor, op: str) -> torch.Tensor:
+        """linear(x) `op` other ("add" or "mul", same shape as the output) in one oneDNN call."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed_weight, self.bias, op)
+
 
 def onednn_available() -> bool:
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
