@@ -611,6 +611,27 @@ async def test_bad_streaming_request_is_a_json_error_not_a_stream(server, client
     _check_error(reply, status, code, param)
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+@pytest.mark.parametrize("path", [CHAT, "/v1/completions", "/tokenize"])
+async def test_a_body_not_declared_json_is_a_415_and_nothing_runs(server, client, content_type, path):
+    # What a page on another site can POST without a CORS preflight.
+    body = json.dumps({"model": server.model, "messages": HELLO, "prompt": "hi"}).encode()
+    headers = {"Content-Type": content_type} if content_type else {}
+    steps = server.state.engine.steps
+    async with client.post(server.url + path, data=body, headers=headers) as resp:
+        reply = Reply(resp.status, resp.headers, await resp.json())
+    _check_error(reply, 415, "unsupported_media_type", None)
+    assert "application/json" in reply.body["error"]["message"]
+    assert server.state.engine.steps == steps
+
+
+async def test_json_with_a_charset_is_json(server, client):
+    body = json.dumps({"model": server.model, "messages": HELLO, "max_tokens": 2}).encode()
+    async with client.post(server.url + CHAT, data=body,
+                           headers={"Content-Type": "application/json; charset=utf-8"}) as resp:
+        assert resp.status == 200
+
+
 async def test_wrong_method_names_the_allowed_method(server, client):
     reply = await post(client, server.url, None, method="GET")
     assert reply.status == 405

@@ -727,10 +727,24 @@ async def test_largest_seed_with_n_leaves_the_engine_running(server, client):
     assert (await post(client, server.url, None, path="/health", method="GET")).status == 200
 
 
-async def test_logprobs_leave_out_a_token_hidden_by_a_stop_string(server, client):
+async def test_logprobs_have_an_entry_for_the_token_that_completed_a_stop_string(server, client):
     plain = await complete(client, server, prompt="Hello there", max_tokens=6, logprobs=0, **GREEDY)
     tokens = plain["choices"][0]["logprobs"]["tokens"]
     stop = next(t for t in tokens[1:] if t.strip() and "\ufffd" not in t)  # a later, visible token
     body = await complete(client, server, prompt="Hello there", max_tokens=6, logprobs=0, stop=[stop], **GREEDY)
-    assert_spells(body["choices"][0]["logprobs"]["tokens"], body["choices"][0]["text"])
-    assert stop not in body["choices"][0]["logprobs"]["tokens"]
+    shown = body["choices"][0]["logprobs"]["tokens"]
+    assert len(shown) == body["usage"]["completion_tokens"]  # one entry per counted token
+    assert shown[-1] == stop  # counted, not shown in the text
+    assert_spells(shown[:-1], body["choices"][0]["text"])
+
+
+async def test_logprobs_have_an_entry_for_the_eos_token_as_it_is_counted(server, client):
+    eos = server.state.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # three tokens (EOS is masked before min_tokens), then EOS, which the bias makes certain
+    body = await chat(client, server, messages=HELLO, max_tokens=10, min_tokens=3, logprobs=True, temperature=0,
+                      logit_bias={str(eos): 100})
+    assert body["choices"][0]["finish_reason"] == "stop"
+    entries = body["choices"][0]["logprobs"]["content"]
+    assert body["usage"]["completion_tokens"] == len(entries) == 4
+    assert entries[-1]["token"] == "<|im_end|>"
+    assert "<|im_end|>" not in body["choices"][0]["message"]["content"]

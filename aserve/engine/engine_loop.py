@@ -134,15 +134,16 @@ class EngineLoop:
                     if event.prompt_logprobs is not None:
                         prompt_logprobs.extend(event.prompt_logprobs)
                         continue
+                    # One logprobs entry per counted completion token, as vLLM gives them: the
+                    # stop token (EOS, stop_token_ids) and the token that completed a stop
+                    # string have theirs too, though their text is not shown.
                     completion_tokens += 1
                     cached_tokens = event.cached_tokens
+                    if event.logprobs is not None:
+                        logprobs.append(event.logprobs)
                     if event.is_text:
-                        if event.logprobs is not None:
-                            logprobs.append(event.logprobs)
                         out = detok.push((event.token,))
                         text += out.text
-                        if out.stopped and not out.text and event.logprobs is not None:
-                            logprobs.pop()  # the token that completed the stop string shows nothing
                         if out.stopped:
                             # The engine cannot see stop strings: tell it to let go. Tokens
                             # drained after the stop are neither shown nor counted.

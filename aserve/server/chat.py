@@ -29,6 +29,12 @@ from aserve.server.tool_parsers import ToolCall, new_call_id
 
 
 async def read_json(request: web.Request) -> object:
+    # Only a body declared JSON: a form or text/plain POST is a "simple" cross-origin request
+    # that any web page can send to a local server without a CORS preflight (a CSRF).
+    if request.content_type != "application/json":
+        raise APIError(f"the request body must be JSON, sent with 'Content-Type: application/json' "
+                       f"(this one was {request.headers.get('Content-Type', 'not given')!r})", status=415,
+                       code="unsupported_media_type")
     body = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
     try:
         return orjson.loads(body)
