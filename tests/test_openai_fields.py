@@ -20,6 +20,8 @@ from openapi_schema import assert_valid
 from test_api import HELLO, Server, chat, parse_sse, post, serve, stream, text_of
 
 from aserve.engine.model_runner import StepOutput
+from aserve.server import protocol
+from aserve.server.chat import forced_calls
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -538,6 +540,35 @@ async def test_required_tool_choice_streams_calls(templated_server, client):
     assert fragments and s.finish_reason == "tool_calls", s.text
     names = [f["function"]["name"] for f in fragments if "name" in f.get("function", {})]
     assert set(names) <= {"get_weather", "get_time"} and names
+
+
+async def test_a_named_tool_choice_cut_by_max_tokens_still_returns_the_call(templated_server, client):
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    body = await chat(client, templated_server, messages=HELLO, tools=[WEATHER, CLOCK], tool_choice=choice,
+                      max_tokens=3, seed=1)
+    choice_body = body["choices"][0]
+    assert choice_body["finish_reason"] == "length"
+    (call,) = choice_body["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and call["function"]["arguments"].startswith("{")
+    assert choice_body["message"]["content"] is None
+
+
+def _required(text: str) -> list[tuple[str, dict]]:
+    req = protocol.parse_chat_request({"messages": HELLO, "tools": [WEATHER, CLOCK], "tool_choice": "required"})
+    return [(c.name, json.loads(c.arguments)) for c in forced_calls(req, text)]
+
+
+@pytest.mark.parametrize(("text", "calls"), [
+    ('[{"name": "get_weather", "parameters": {"city": "Paris"}}]', [("get_weather", {"city": "Paris"})]),
+    ('[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Par',
+     [("get_time", {}), ("get_weather", {"city": "Par"})]),
+    ('[{"name": "get_weather", "param', [("get_weather", {})]),
+    ('[{"name": "get_wea', []),  # the name is cut: no function's
+    ("[", []),
+    ("", []),
+])
+def test_required_tool_calls_are_read_as_far_as_the_output_got(text, calls):
+    assert _required(text) == calls
 
 
 async def test_tool_choice_naming_an_unknown_function_is_400(templated_server, client):

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import orjson
+import pydantic_core
 from aiohttp import web
 
 from aserve.engine.engine_loop import RequestOutput
@@ -56,15 +57,24 @@ def forced_tool_schema(req: protocol.ChatCompletionRequest) -> dict | None:
     return None
 
 
-def forced_calls(req: protocol.ChatCompletionRequest, text: str) -> list[ToolCall] | None:
-    """The calls in a forced output; None when it is not complete JSON (cut off by max_tokens)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
+def forced_calls(req: protocol.ChatCompletionRequest, text: str) -> list[ToolCall]:
+    """The calls in a forced output, also when max_tokens cut it (finish_reason "length" then
+    says so), as vLLM returns them: a named function's arguments are the JSON as far as it
+    got, and with "required" each call whose function name is complete comes with the
+    parameters written so far."""
     if isinstance(req.tool_choice, protocol.NamedToolChoice):
-        return [ToolCall(new_call_id(), req.tool_choice.function.name, json.dumps(value, ensure_ascii=False))]
-    return [ToolCall(new_call_id(), c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value]
+        try:
+            arguments = json.dumps(json.loads(text), ensure_ascii=False)
+        except ValueError:  # cut off: the text as it stands
+            arguments = text
+        return [ToolCall(new_call_id(), req.tool_choice.function.name, arguments)]
+    try:
+        value = pydantic_core.from_json(text, allow_partial="trailing-strings")
+    except ValueError:
+        return []
+    names = {t.function.name for t in req.tools or ()}  # a name cut short is no function's
+    return [ToolCall(new_call_id(), c["name"], json.dumps(c.get("parameters", {}), ensure_ascii=False))
+            for c in value if isinstance(c, dict) and c.get("name") in names] if isinstance(value, list) else []
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -113,7 +123,7 @@ class _Reply:
     def _calls(self, text: str) -> tuple[str | None, list[ToolCall]]:
         if self.forced:
             calls = forced_calls(self.req, text)
-            return (text, []) if calls is None else (None, calls)
+            return (None, calls) if calls else (text, [])
         if self.parses_tools:
             return self.state.tool_parser.parse(text)
         return text, []
