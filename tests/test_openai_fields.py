@@ -317,7 +317,9 @@ async def test_min_tokens_holds_back_a_stop_token(server, client):
                           stop_token_ids=[fox], min_tokens=3, temperature=0, logprobs=0)
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"]["completion_tokens"] == 4
-    assert " fox" not in body["choices"][0]["logprobs"]["tokens"]
+    tokens = body["choices"][0]["logprobs"]["tokens"]
+    assert len(tokens) == 4 and tokens[-1] == " fox" and " fox" not in tokens[:-1]  # its entry last, as counted
+    assert not body["choices"][0]["text"].endswith(" fox")
 
 
 async def test_user_and_max_completion_tokens(server, client):
