@@ -249,4 +249,4 @@ def test_text_held_back_before_a_stop_is_sent_with_the_stopped_output(bpe):
     det = IncrementalDetokenizer(bpe, [], stop=["rld"])
     gen = ids(bpe, "Hello wo")
     assert "".join(det.push([i]).text for i in gen) == "Hello "
-    assert det.push(ids(bpe, "rld")) == DetokenizerOutput("wo", True)
+    assert det.push(ids(bpe, "rld")) == DetokenizerOutput("wo", True, "rld")  # names the stop string that matched

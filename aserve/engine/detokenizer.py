@@ -23,6 +23,7 @@ _MAX_CHAR_TOKENS = 4  # a UTF-8 character is at most 4 bytes, so at most 4 byte 
 class DetokenizerOutput:
     text: str  # new text that is safe to send now ("" if nothing yet)
     stopped: bool  # a stop string matched: `text` ends right before it; nothing more will be emitted
+    stop: str | None = None  # the stop string that matched
 
 
 class IncrementalDetokenizer:
@@ -42,6 +43,7 @@ class IncrementalDetokenizer:
         self._pieces: list[str] = []
         self._done = False
         self._stopped = False
+        self.matched_stop: str | None = None  # the stop string that matched, once one has
         context, tail = self._split_prompt(list(prompt_ids[-(_CONTEXT + 2 * _MAX_CHAR_TOKENS) :]))
         self._ids = context + tail
         self._prefix, self._read = 0, len(self._ids)
@@ -121,13 +123,14 @@ class IncrementalDetokenizer:
         # The match that completes first wins (generation would have stopped there), so the
         # result does not depend on how tokens were batched into pushes.
         buf = self._pending + delta
-        hits = [(i + len(s), i) for s in self._stop if (i := buf.find(s)) >= 0]
+        hits = [(i + len(s), i, s) for s in self._stop if (i := buf.find(s)) >= 0]
         if hits:
-            out, self._pending = buf[: min(hits)[1]], ""
+            _, start, self.matched_stop = min(hits)
+            out, self._pending = buf[:start], ""
             self._stopped = self._done = True
         else:
             keep = 0 if final else min(self._holdback, len(buf))
             out, self._pending = buf[: len(buf) - keep], buf[len(buf) - keep :]
         if out:
             self._pieces.append(out)
-        return DetokenizerOutput(out, self._stopped)
+        return DetokenizerOutput(out, self._stopped, self.matched_stop)

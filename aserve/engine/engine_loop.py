@@ -61,6 +61,7 @@ class RequestOutput:
     # one per prompt token (None for the first, which nothing predicts).
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    stop_sequence: str | None = None  # on the last output: the stop string that ended it, if one did
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +159,7 @@ class EngineLoop:
                     self.observer.on_finished(finish_reason, time.monotonic() - request.arrival_time)
                 if text or done or logprobs:
                     yield RequestOutput(text, finish_reason, prompt_tokens, completion_tokens, cached_tokens,
-                                        logprobs, prompt_logprobs)
+                                        logprobs, prompt_logprobs, detok.matched_stop if done else None)
                     prompt_logprobs = None
         finally:
             # Reached without a finish when the client went away (CancelledError in a

@@ -13,6 +13,7 @@ from aserve.server.errors import ERROR_HOOK, error_middleware, json_response
 from aserve.server.metrics import CONTENT_TYPE
 from aserve.server.middleware import REQUEST_ID, add_request_id, api_key_middleware
 from aserve.server.lora import add_lora_routes
+from aserve.server.messages import add_messages_routes
 from aserve.server.page import add_page_routes
 from aserve.server.serving import ServingState
 from aserve.server.tokenize import detokenize, tokenize
@@ -80,6 +81,7 @@ def create_app(state: ServingState) -> web.Application:
         web.get("/health", health),
         web.get("/metrics", metrics),
     ])
+    add_messages_routes(app)  # Anthropic's
     if settings.allow_runtime_lora_updating:
         add_lora_routes(app)
     if origins := [o.strip() for o in (settings.cors_allowed_origins or "").split(",") if o.strip()]:
@@ -91,7 +93,8 @@ def create_app(state: ServingState) -> web.Application:
 def _allow_cors(app: web.Application, origins: list[str]) -> None:
     import aiohttp_cors
 
-    options = aiohttp_cors.ResourceOptions(allow_headers=("Authorization", "Content-Type", REQUEST_ID),
+    options = aiohttp_cors.ResourceOptions(allow_headers=("Authorization", "Content-Type", REQUEST_ID,
+                                                                  "x-api-key", "anthropic-version"),
                                            expose_headers=(REQUEST_ID,), allow_methods=("GET", "POST"), max_age=600)
     cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(origins, options))
     for route in list(app.router.routes()):

@@ -13,12 +13,16 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import pydantic_core
 from aiohttp import web
 
 from aserve.engine.engine_loop import RequestOutput
+from aserve.engine.sequence import SamplingParams
+from aserve.models.lora import LoRAAdapter
 from aserve.server import generation, protocol, responses
 from aserve.server.chat_prompt import chat_inputs
 from aserve.server.errors import APIError, json_response
@@ -77,9 +81,19 @@ def forced_calls(req: protocol.ChatCompletionRequest, text: str) -> list[ToolCal
             for c in value if isinstance(c, dict) and c.get("name") in names] if isinstance(value, list) else []
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    state: ServingState = request.app[ServingState.KEY]
-    req = protocol.parse_chat_request(await read_json(request))
+@dataclass
+class PreparedChat:
+    """A chat request checked, templated and tokenized: what the engine runs."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    grammar: Any
+    lora: LoRAAdapter | None
+
+
+async def prepare(state: ServingState, req: protocol.ChatCompletionRequest) -> PreparedChat:
+    """Everything that can reject a chat request, before any response goes out; shared by the
+    endpoints that speak chat underneath (Anthropic's Messages)."""
     lora = await state.loaded_adapter(state.check_model(req.model))
     limits = state.settings
     if len(req.messages) > limits.max_messages:
@@ -98,11 +112,41 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     params = generation.sampling_params(req, len(prompt_ids), state,
                                         max_tokens=req.requested_max_tokens,
                                         logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+    return PreparedChat(prompt_ids, params, grammar, lora)
+
+
+def split_calls(state: ServingState, req: protocol.ChatCompletionRequest, text: str) -> tuple[str | None, list[ToolCall]]:
+    """A whole output as (content, tool calls): forced calls read from their JSON, else the tool
+    parser's reading when tool_choice is auto, else all content."""
+    if forces_tools(req):
+        calls = forced_calls(req, text)
+        return (None, calls) if calls else (text, [])
+    if parses_tools(req):
+        return state.tool_parser.parse(text)
+    return text, []
+
+
+def parses_tools(req: protocol.ChatCompletionRequest) -> bool:
+    """The tool parser reads calls out of the model's text (tool_choice auto)."""
+    return bool(req.tools) and req.tool_choice in (None, "auto")
+
+
+def forces_tools(req: protocol.ChatCompletionRequest) -> bool:
+    """Guided decoding forces the output into calls (tool_choice required or a named function)."""
+    return bool(req.tools) and req.tool_choice not in (None, "auto", "none")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state: ServingState = request.app[ServingState.KEY]
+    req = protocol.parse_chat_request(await read_json(request))
+    prepared = await prepare(state, req)
     n = req.n or 1
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     with state.admit(n, request_id(request), rid) as record:
-        outputs = generation.start(state, rid, [prompt_ids], params, n, grammar, record, req.cache_salt, lora)
-        reply = _Reply(state, req, rid, int(time.time()), state.model_name if lora is None else lora.name)
+        outputs = generation.start(state, rid, [prepared.prompt_ids], prepared.params, n, prepared.grammar, record,
+                                   req.cache_salt, prepared.lora)
+        model = state.model_name if prepared.lora is None else prepared.lora.name
+        reply = _Reply(state, req, rid, int(time.time()), model)
         if req.stream:
             return await reply.stream(request, outputs, n, record)
         return json_response(reply.complete(await generation.collect(outputs, n)))
@@ -113,20 +157,14 @@ class _Reply:
                  model: str) -> None:
         self.state, self.req, self.rid, self.created = state, req, rid, created
         self.model = model  # the name the response gives: the adapter asked for, else the base model
-        self.parses_tools = bool(req.tools) and req.tool_choice in (None, "auto")
-        self.forced = req.tools is not None and req.tool_choice not in (None, "auto", "none")
+        self.parses_tools, self.forced = parses_tools(req), forces_tools(req)
         self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
 
     def _logprobs(self, out: generation.Choice | RequestOutput) -> dict | None:
         return chat_logprobs(out.logprobs, self.state.token_text) if self.req.logprobs else None
 
     def _calls(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        if self.forced:
-            calls = forced_calls(self.req, text)
-            return (None, calls) if calls else (text, [])
-        if self.parses_tools:
-            return self.state.tool_parser.parse(text)
-        return text, []
+        return split_calls(self.state, self.req, text)
 
     def complete(self, choices: list[generation.Choice]) -> dict:
         body = []

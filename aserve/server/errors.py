@@ -1,4 +1,5 @@
-"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} for every failure."""
+"""Errors in the shape of the API asked: OpenAI's {"error": {"message", "type", "param", "code"}}
+everywhere, Anthropic's {"type": "error", "error": {"type", "message"}} under /v1/messages."""
 
 import logging
 from collections.abc import Callable
@@ -32,10 +33,26 @@ class APIError(Exception):
         # The spec requires all four keys, with code a string or null (never an integer).
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> web.Response:
-        response = json_response(self.body(), self.status)
+    def anthropic_body(self) -> dict:
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status, "api_error"),
+                                           "message": self.message}}
+
+    def response(self, anthropic: bool = False) -> web.Response:
+        response = json_response(self.anthropic_body() if anthropic else self.body(), self.status)
         response.headers.update(self.headers)
         return response
+
+
+# Anthropic's error types by status (its API reference, "Errors")
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+                    413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error",
+                    500: "api_error", 503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
+
+
+def anthropic_path(path: str) -> bool:
+    """Routes whose errors take Anthropic's shape."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 # Called with (error type, status, code) for every error response, for metrics.
@@ -57,7 +74,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         error = APIError("internal server error", status=500)
     if (hook := request.app.get(ERROR_HOOK)) is not None:
         hook(error.type, error.status, error.code)
-    return error.response()
+    return error.response(anthropic=anthropic_path(request.path))
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> APIError:

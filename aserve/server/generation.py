@@ -87,9 +87,11 @@ class Choice:
     completion_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
+        self.stop_sequence = out.stop_sequence
         self.logprobs.extend(out.logprobs)
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs

@@ -36,12 +36,14 @@ def api_key_middleware(api_key: str, protect_metrics: bool):
                      or (request.path == "/metrics" and not protect_metrics))
         # Preflight requests carry no credentials by design (the CORS layer answers them).
         if not open_path and request.method != "OPTIONS":
+            # "Authorization: Bearer KEY" (OpenAI's SDK), or "x-api-key: KEY" (Anthropic's).
             scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
-            # The scheme is case-insensitive (RFC 9110); the key is compared in constant time, so
-            # no one can guess it by timing.
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-                raise APIError("invalid or missing API key: send 'Authorization: Bearer <key>'", status=401,
-                               code="invalid_api_key")
+            if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 9110)
+                given = request.headers.get("x-api-key", "")
+            # Compared in constant time, so no one can guess the key by timing.
+            if not hmac.compare_digest(given.strip().encode(), expected):
+                raise APIError("invalid or missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+                               status=401, code="invalid_api_key")
         return await handler(request)
 
     return check

@@ -1,4 +1,5 @@
-"""Server-Sent Events framed exactly as OpenAI does: `data: <json>\\n\\n` ... `data: [DONE]\\n\\n`."""
+"""Server-Sent Events framed as OpenAI's chat and completions do (`data: <json>\\n\\n` ...
+`data: [DONE]\\n\\n`) or as typed events (`event: <type>\\ndata: <json>\\n\\n`, Anthropic's Messages)."""
 
 import asyncio
 from collections.abc import Awaitable
@@ -32,15 +33,18 @@ class SSEWriter:
     async def start(self) -> None:
         await self.response.prepare(self._request)
 
-    async def send(self, obj: dict) -> None:
-        await self._write(b"data: " + orjson.dumps(obj) + b"\n\n")
+    async def send(self, obj: dict, event: str | None = None) -> None:
+        head = b"event: " + event.encode() + b"\n" if event else b""
+        await self._write(head + b"data: " + orjson.dumps(obj) + b"\n\n")
 
     async def comment(self, text: str) -> None:
         """An SSE comment line: clients ignore it, proxies and browsers see the connection live."""
         await self._write(b": " + text.encode() + b"\n\n")
 
-    async def done(self) -> None:
-        await self._write(b"data: [DONE]\n\n")
+    async def done(self, marker: bool = True) -> None:
+        """Ends the stream, after OpenAI's `data: [DONE]` unless `marker` is False."""
+        if marker:
+            await self._write(b"data: [DONE]\n\n")
         await self._guarded(self.response.write_eof())  # always waits for the client to take the rest
 
     def abort(self) -> None:

@@ -1,15 +1,16 @@
-"""One request's merged outputs written as an SSE stream: what chat and completions share.
+"""One request's merged outputs written as an SSE stream: what every streaming endpoint shares.
 
-The endpoint says how an output becomes chunks (`render`); this module owns the stream's
-life. Whatever happens after the 200 headers, the stream ends in one of two ways: with
-`data: [DONE]` (after an error event if the request failed), or cut, when the client is
-gone or has stopped reading. Either way the outputs are closed, which aborts the request
-in the engine and frees its KV slot.
+The endpoint says how an output becomes events (`render`) and how its API frames a stream
+(`Framing`); this module owns the stream's life. Whatever happens after the 200 headers, the
+stream ends in one of two ways: with its end (OpenAI's `data: [DONE]`, after an error event if
+the request failed), or cut, when the client is gone or has stopped reading. Either way the
+outputs are closed, which aborts the request in the engine and frees its KV blocks.
 """
 
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -24,30 +25,50 @@ log = logging.getLogger("aserve.server")
 Render = Callable[[int, RequestOutput], Iterable[dict]]
 
 
+@dataclass(frozen=True)
+class Framing:
+    """How an API frames its stream."""
+
+    typed: bool = False  # each event named by its "type" (`event: <type>` before `data:`), as Anthropic's
+    done_marker: bool = True  # `data: [DONE]` last, as OpenAI's chat and completions
+    keepalive: dict | None = None  # sent (typed) while nothing else is; None: an SSE comment
+    anthropic_errors: bool = False  # an error event in Anthropic's shape, else OpenAI's
+
+
+OPENAI = Framing()
+
+
 async def write_stream(request: web.Request, state: ServingState, rid: str,
                        outputs: AsyncIterator[tuple[int, RequestOutput]], render: Render, record: RequestRecord,
-                       *, opening: Iterable[dict] = (),
-                       closing: Callable[[], Iterable[dict]] = lambda: ()) -> web.StreamResponse:
+                       *, opening: Iterable[dict] = (), closing: Callable[[], Iterable[dict]] = lambda: (),
+                       framing: Framing = OPENAI) -> web.StreamResponse:
     """`opening`: chunks sent before any output; `closing()`: chunks after the last one (usage)."""
     sse = SSEWriter(request, state.settings.stream_write_timeout_seconds)
     sent_error = False
+
+    async def send(event: dict) -> None:
+        await sse.send(event, event["type"] if framing.typed else None)
+
     try:
         async with aclosing(outputs):
             await sse.start()
             try:
                 for chunk in opening:
-                    await sse.send(chunk)
+                    await send(chunk)
                 async for index, out in outputs:
                     if index == generation.HEARTBEAT:
-                        await sse.comment("keep-alive")
+                        if framing.keepalive is not None:
+                            await send(framing.keepalive)
+                        else:
+                            await sse.comment("keep-alive")
                         continue
                     for chunk in render(index, out):
-                        await sse.send(chunk)
+                        await send(chunk)
                 for chunk in closing():
-                    await sse.send(chunk)
+                    await send(chunk)
             except (EngineError, generation.RequestTimeout) as exc:
                 sent_error = True
-                await _send_error(sse, state, generation.api_error(exc), record)
+                await _send_error(sse, state, generation.api_error(exc), record, framing)
             except ClientGone:
                 raise
             except Exception:
@@ -55,8 +76,8 @@ async def write_stream(request: web.Request, state: ServingState, rid: str,
                 # itself must end, with an error event and [DONE], or the client waits forever.
                 log.exception("request %s failed mid-stream", rid)
                 sent_error = True
-                await _send_error(sse, state, APIError("internal server error", status=500), record)
-            await sse.done()
+                await _send_error(sse, state, APIError("internal server error", status=500), record, framing)
+            await sse.done(framing.done_marker)
     except ClientGone as exc:
         log.info("request %s: stream cut: %s", rid, exc)
         if not sent_error:
@@ -72,7 +93,11 @@ async def write_stream(request: web.Request, state: ServingState, rid: str,
     return sse.response
 
 
-async def _send_error(sse: SSEWriter, state: ServingState, error: APIError, record: RequestRecord) -> None:
+async def _send_error(sse: SSEWriter, state: ServingState, error: APIError, record: RequestRecord,
+                      framing: Framing) -> None:
     state.metrics.on_error(error.type, error.status, error.code)
     record.status, record.error = error.status, error.code
-    await sse.send(error.body())
+    if framing.anthropic_errors:
+        await sse.send(error.anthropic_body(), "error")
+    else:
+        await sse.send(error.body())

@@ -1,0 +1,330 @@
+"""POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API, for its SDK.
+
+A Messages request is read into a chat request (system, text, tool_use and tool_result
+blocks; tools and tool_choice) and goes through chat's own checks, template, tokenization
+and tool handling (chat.prepare), then the same engine. Only the response is Anthropic's:
+content blocks (text, tool_use), its stop reasons, its usage, and in streams its typed
+events (message_start, content_block_start / _delta / _stop, message_delta, message_stop,
+ping as the keep-alive, error). Errors take Anthropic's shape (errors.anthropic_path).
+
+Usage as Anthropic counts it: `input_tokens` are the prompt tokens not read from the prefix
+cache, `cache_read_input_tokens` those that were; nothing is ever written to a cache on
+request, so `cache_creation_input_tokens` is 0.
+"""
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import pydantic_core
+from aiohttp import web
+from pydantic import Field
+
+from aserve.engine.engine_loop import RequestOutput
+from aserve.server import chat, generation, protocol
+from aserve.server.chat_prompt import chat_inputs
+from aserve.server.errors import APIError, json_response
+from aserve.server.middleware import request_id
+from aserve.server.serving import RequestRecord, ServingState
+from aserve.server.streaming import Framing, write_stream
+from aserve.server.tool_parsers import ToolCall
+
+MAX_STOP_SEQUENCES = protocol.MAX_STOP_STRINGS
+FRAMING = Framing(typed=True, done_marker=False, keepalive={"type": "ping"}, anthropic_errors=True)
+
+
+class TextBlock(protocol._Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class ToolUseBlock(protocol._Lenient):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResultBlock(protocol._Lenient):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[TextBlock] | None = None
+    is_error: bool | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "\n".join(block.text for block in self.content)
+
+
+class ThinkingBlock(protocol._Lenient):
+    """An earlier answer's thinking, sent back in the history: not part of the prompt."""
+
+    type: Literal["thinking", "redacted_thinking"]
+
+
+class MediaBlock(protocol._Lenient):
+    """Accepted by the schema only to be refused with a clear message: this model reads text."""
+
+    type: Literal["image", "document", "search_result"]
+
+
+Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | MediaBlock, Field(discriminator="type")]
+
+
+class Message(protocol._Lenient):
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+
+class Tool(protocol._Lenient):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+
+class ToolChoice(protocol._Lenient):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None  # accepted; the model may call several tools either way
+
+
+class CountTokensRequest(protocol._Lenient):
+    model: str
+    messages: Annotated[list[Message], Field(min_length=1)]
+    system: str | list[TextBlock] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+
+
+class OutputFormat(protocol._Lenient):
+    type: Literal["json_schema"]
+    json_schema: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(protocol._Lenient):
+    """Structured outputs: the answer forced into a JSON schema, by the same guided decoding as
+    OpenAI's response_format. `effort` is accepted and has no effect here."""
+
+    effort: str | None = None
+    format: OutputFormat | None = None
+
+
+class MessagesRequest(CountTokensRequest):
+    max_tokens: Annotated[int, Field(ge=1)]  # required, as in Anthropic's API
+    stop_sequences: Annotated[list[str] | None, Field(max_length=MAX_STOP_SEQUENCES)] = None
+    temperature: Annotated[float | None, Field(ge=0, le=1)] = None
+    top_p: Annotated[float | None, Field(gt=0, le=1)] = None
+    top_k: Annotated[int | None, Field(ge=0)] = None
+    stream: bool | None = None
+    metadata: dict[str, Any] | None = None  # accepted and ignored
+    output_config: OutputConfig | None = None
+
+
+def _block_text(blocks: list) -> str:
+    return "\n".join(b.text for b in blocks if isinstance(b, TextBlock))
+
+
+def chat_request(req: CountTokensRequest) -> protocol.ChatCompletionRequest:
+    """The chat request that says the same to the model."""
+    messages: list[dict[str, Any]] = []
+    if req.system:
+        system = req.system if isinstance(req.system, str) else _block_text(req.system)
+        messages.append({"role": "system", "content": system})
+    for i, m in enumerate(req.messages):
+        if not isinstance(m.content, str) and (media := [j for j, b in enumerate(m.content) if isinstance(b, MediaBlock)]):
+            raise APIError(f"content blocks of type {m.content[media[0]].type!r} are not supported: this model reads "
+                           "text only", param=f"messages[{i}].content[{media[0]}].type")
+        if isinstance(m.content, str):
+            messages.append({"role": m.role, "content": m.content})
+            continue
+        if m.role == "assistant":
+            calls = [{"id": b.id, "type": "function",
+                      "function": {"name": b.name, "arguments": json.dumps(b.input, ensure_ascii=False)}}
+                     for b in m.content if isinstance(b, ToolUseBlock)]
+            messages.append({"role": "assistant", "content": _block_text(m.content), **({"tool_calls": calls} if calls else {})})
+            continue
+        # A user turn: its tool results first (each a tool message, as chat templates expect), then its text.
+        for b in m.content:
+            if isinstance(b, ToolResultBlock):
+                content = f"Error: {b.text()}" if b.is_error else b.text()
+                messages.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": content})
+        if any(isinstance(b, TextBlock) for b in m.content) or not any(isinstance(b, ToolResultBlock) for b in m.content):
+            messages.append({"role": "user", "content": _block_text(m.content)})
+    body: dict[str, Any] = {"model": req.model, "messages": messages}
+    if req.tools:
+        body["tools"] = [{"type": "function", "function": {"name": t.name, "parameters": t.input_schema,
+                                                           **({"description": t.description} if t.description else {})}}
+                         for t in req.tools]
+    if req.tool_choice is not None:
+        choice = req.tool_choice
+        if choice.type == "tool":
+            if not choice.name:
+                raise APIError("tool_choice of type 'tool' needs the tool's name", param="tool_choice.name")
+            body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        elif req.tools or choice.type == "none":
+            body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+    if isinstance(req, MessagesRequest) and req.output_config is not None and req.output_config.format is not None:
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "output", "schema": req.output_config.format.json_schema}}
+    if isinstance(req, MessagesRequest):
+        body.update({k: v for k, v in (("max_tokens", req.max_tokens), ("stop", req.stop_sequences or None),
+                                       ("temperature", req.temperature), ("top_p", req.top_p), ("top_k", req.top_k))
+                     if v is not None})
+    return protocol.parse_chat_request(body)
+
+
+def _stop_reason(finish_reason: str | None, stop_sequence: str | None, called: bool) -> str:
+    if finish_reason == "length":
+        return "max_tokens"
+    if called:
+        return "tool_use"
+    return "stop_sequence" if stop_sequence is not None else "end_turn"
+
+
+def _tool_use(call: ToolCall) -> dict:
+    try:  # JSON cut off by max_tokens: the object as far as it got
+        arguments = pydantic_core.from_json(call.arguments, allow_partial="trailing-strings")
+    except ValueError:
+        arguments = {}
+    return {"type": "tool_use", "id": call.id, "name": call.name,
+            "input": arguments if isinstance(arguments, dict) else {}}
+
+
+def _usage(choice: generation.Choice | RequestOutput) -> dict:
+    return {"input_tokens": choice.prompt_tokens - choice.cached_tokens, "output_tokens": choice.completion_tokens,
+            "cache_read_input_tokens": choice.cached_tokens, "cache_creation_input_tokens": 0}
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    state: ServingState = request.app[ServingState.KEY]
+    req = protocol.parse_request(CountTokensRequest, await chat.read_json(request))
+    chat_req = chat_request(req)
+    state.check_model(chat_req.model)
+    messages, tools = chat_inputs(chat_req, state.tokenizer.chat_template)
+    return json_response({"input_tokens": len(await state.encode_chat(messages, tools))})
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    state: ServingState = request.app[ServingState.KEY]
+    req = protocol.parse_request(MessagesRequest, await chat.read_json(request))
+    chat_req = chat_request(req)
+    prepared = await chat.prepare(state, chat_req)
+    rid = f"msg_{uuid.uuid4().hex}"
+    with state.admit(1, request_id(request), rid) as record:
+        outputs = generation.start(state, rid, [prepared.prompt_ids], prepared.params, 1, prepared.grammar, record,
+                                   None, prepared.lora)
+        reply = _Reply(state, chat_req, rid, req.model)
+        if req.stream:
+            return await reply.stream(request, outputs, record)
+        (choice,) = await generation.collect(outputs, 1)
+        return json_response(reply.complete(choice))
+
+
+class _Reply:
+    def __init__(self, state: ServingState, req: protocol.ChatCompletionRequest, rid: str, model: str) -> None:
+        self.state, self.req, self.rid, self.model = state, req, rid, model
+
+    def _message(self, content: list[dict], stop_reason: str | None, stop_sequence: str | None, usage: dict) -> dict:
+        return {"id": self.rid, "type": "message", "role": "assistant", "model": self.model, "content": content,
+                "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage}
+
+    def complete(self, choice: generation.Choice) -> dict:
+        text, calls = chat.split_calls(self.state, self.req, choice.text)
+        content = ([{"type": "text", "text": text}] if text else []) + [_tool_use(c) for c in calls]
+        stop = _stop_reason(choice.finish_reason, choice.stop_sequence, bool(calls))
+        return self._message(content, stop, choice.stop_sequence if stop == "stop_sequence" else None, _usage(choice))
+
+    async def stream(self, request: web.Request, outputs: AsyncIterator[tuple[int, RequestOutput]],
+                     record: RequestRecord) -> web.StreamResponse:
+        events = _StreamEvents(self)
+        return await write_stream(request, self.state, self.rid, outputs, lambda _, out: events.render(out), record,
+                                  framing=FRAMING)
+
+
+class _StreamEvents:
+    """A chat output stream as Anthropic's events. Text opens a text block; with tool_choice auto
+    the tool parser's call fragments open tool_use blocks (input_json_delta); forced calls come
+    whole at the end, once their JSON is complete."""
+
+    def __init__(self, reply: _Reply) -> None:
+        self.reply = reply
+        self.parser = reply.state.tool_parser.streaming() if chat.parses_tools(reply.req) else None
+        self.forced = chat.forces_tools(reply.req)
+        self.started = False
+        self.text = ""  # the whole output, for forced calls
+        self.index = -1  # the open block's index
+        self.open: str | None = None  # its type
+        self.called = False
+
+    def render(self, out: RequestOutput) -> list[dict]:
+        events = []
+        if not self.started:
+            self.started = True
+            usage = {"input_tokens": out.prompt_tokens - out.cached_tokens, "output_tokens": 0,
+                     "cache_read_input_tokens": out.cached_tokens, "cache_creation_input_tokens": 0}
+            events.append({"type": "message_start", "message": self.reply._message([], None, None, usage)})
+        if self.forced:
+            self.text += out.text
+            if out.finish_reason:
+                text, calls = chat.split_calls(self.reply.state, self.reply.req, self.text)
+                if text:
+                    events += self._text(text)
+                for call in calls:
+                    events += self._call_start(call.id, call.name) + self._call_arguments(call.arguments)
+        elif self.parser is not None:
+            deltas = self.parser.push(out.text) if out.text else []
+            for delta in deltas + (self.parser.finish() if out.finish_reason else []):
+                events += self._from_chat_delta(delta)
+        elif out.text:
+            events += self._text(out.text)
+        if out.finish_reason:
+            events += self._close()
+            stop = _stop_reason(out.finish_reason, out.stop_sequence, self.called)
+            events.append({"type": "message_delta",
+                           "delta": {"stop_reason": stop,
+                                     "stop_sequence": out.stop_sequence if stop == "stop_sequence" else None},
+                           "usage": _usage(out)})
+            events.append({"type": "message_stop"})
+        return events
+
+    def _from_chat_delta(self, delta: dict) -> list[dict]:
+        if delta.get("content"):
+            return self._text(delta["content"])
+        events = []
+        for fragment in delta.get("tool_calls") or []:
+            function = fragment.get("function", {})
+            if "id" in fragment:
+                events += self._call_start(fragment["id"], function["name"])
+            if function.get("arguments"):
+                events += self._call_arguments(function["arguments"])
+        return events
+
+    def _text(self, text: str) -> list[dict]:
+        events = [] if self.open == "text" else self._open({"type": "text", "text": ""})
+        return events + [{"type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": text}}]
+
+    def _call_start(self, call_id: str, name: str) -> list[dict]:
+        self.called = True
+        return self._open({"type": "tool_use", "id": call_id, "name": name, "input": {}})
+
+    def _call_arguments(self, fragment: str) -> list[dict]:
+        return [{"type": "content_block_delta", "index": self.index,
+                 "delta": {"type": "input_json_delta", "partial_json": fragment}}]
+
+    def _open(self, block: dict) -> list[dict]:
+        events = self._close()
+        self.index += 1
+        self.open = block["type"]
+        return events + [{"type": "content_block_start", "index": self.index, "content_block": block}]
+
+    def _close(self) -> list[dict]:
+        if self.open is None:
+            return []
+        self.open = None
+        return [{"type": "content_block_stop", "index": self.index}]
+
+
+def add_messages_routes(app: web.Application) -> None:
+    app.add_routes([web.post("/v1/messages", messages), web.post("/v1/messages/count_tokens", count_tokens)])
