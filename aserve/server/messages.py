@@ -202,6 +202,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     req = protocol.parse_request(CountTokensRequest, await chat.read_json(request))
     chat_req = chat_request(req)
     state.check_model(chat_req.model)
+    state.check_prompt_chars(sum(len(m.text(i)) for i, m in enumerate(chat_req.messages)), "messages")
     messages, tools = chat_inputs(chat_req, state.tokenizer.chat_template)
     return json_response({"input_tokens": len(await state.encode_chat(messages, tools))})
 
