@@ -14,6 +14,7 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     shutdown_timeout: float = 5.0
     tool_parser: str = "hermes"  # how tool calls are read out of the model's text (tool_parsers.py)
+    reasoning_parser: str | None = None  # qwen3 | deepseek_r1: <think> text as reasoning (reasoning.py); None: off
     api_key: str | None = None  # every API route requires "Authorization: Bearer KEY"; also $ASERVE_API_KEY
     metrics_require_api_key: bool = False  # false: /metrics is open to scrapers even with an api_key
     cors_allowed_origins: str | None = None  # comma-separated origins a browser may call from ("*": any); None: same-origin only

@@ -26,6 +26,7 @@ from aserve.models.paged_attention import attention_backend
 from aserve.models.quantize import QUANTIZATION_MODES
 from aserve.models.store import default_cache_dir, resolve_model
 from aserve.server.serving import ServingState
+from aserve.server.reasoning import get_reasoning_parser
 from aserve.server.tool_parsers import get_tool_parser
 
 log = logging.getLogger("aserve")
@@ -60,6 +61,7 @@ def _check_settings(config: Config) -> None:
     if mc.chat_template is not None and not Path(mc.chat_template).is_file():
         raise ValueError(f"chat template file not found: {mc.chat_template}")
     get_tool_parser(config.server.tool_parser)  # raises for an unknown name
+    get_reasoning_parser(config.server.reasoning_parser)
     lora_modules(config)  # raises for a malformed list
     if mc.max_loras < 1 or mc.max_lora_rank < 1:
         raise ValueError("max_loras and max_lora_rank must be at least 1")
@@ -186,7 +188,8 @@ def build_state(config: Config) -> ServingState:
         log.info("sampling defaults from generation_config.json: %s", defaults)
     return ServingState(engine, hf_tokenizer, name, loaded.max_model_len,
                         GuidedDecoding(hf_tokenizer, loaded.args.vocab_size, eos), loaded.args.vocab_size, defaults,
-                        tool_parser=get_tool_parser(config.server.tool_parser), settings=server_settings(config),
+                        tool_parser=get_tool_parser(config.server.tool_parser),
+                        reasoning_parser=get_reasoning_parser(config.server.reasoning_parser), settings=server_settings(config),
                         lora=registry)
 
 

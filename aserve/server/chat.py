@@ -27,6 +27,7 @@ from aserve.server import generation, protocol, responses
 from aserve.server.chat_prompt import chat_inputs
 from aserve.server.errors import APIError, json_response
 from aserve.server.logprobs import chat_logprobs
+from aserve.server.reasoning import ReasoningParser, ReasoningStream
 from aserve.server.middleware import request_id
 from aserve.server.serving import RequestRecord, ServingState
 from aserve.server.streaming import write_stream
@@ -89,6 +90,15 @@ class PreparedChat:
     params: SamplingParams
     grammar: Any
     lora: LoRAAdapter | None
+    reasoning: ReasoningParser | None = None  # splits thinking from the answer; None: no thinking expected
+    prompt_tail: str = ""  # the rendered prompt's last characters: whether the template opened <think>
+
+    def split_reasoning(self, text: str) -> tuple[str | None, str]:
+        """(reasoning, the rest) of a whole output."""
+        return self.reasoning.parse(self.prompt_tail, text) if self.reasoning is not None else (None, text)
+
+    def reasoning_stream(self) -> ReasoningStream | None:
+        return self.reasoning.stream(self.prompt_tail) if self.reasoning is not None else None
 
 
 async def prepare(state: ServingState, req: protocol.ChatCompletionRequest) -> PreparedChat:
@@ -103,7 +113,7 @@ async def prepare(state: ServingState, req: protocol.ChatCompletionRequest) -> P
         messages, tools = chat_inputs(req, state.tokenizer.chat_template)
     except RecursionError:  # json.dumps of a tool's parameters schema
         raise APIError("a tool's parameters nest too deeply", param="tools") from None
-    prompt_ids = await state.encode_chat(messages, tools)
+    prompt_ids = await state.encode_chat(messages, tools, template_kwargs=req.chat_template_kwargs)
     schema = forced_tool_schema(req)
     if schema is not None:
         grammar = await state.compile_grammar({"type": "json_schema", "json_schema": {"name": "tools", "schema": schema}})
@@ -112,7 +122,10 @@ async def prepare(state: ServingState, req: protocol.ChatCompletionRequest) -> P
     params = generation.sampling_params(req, len(prompt_ids), state,
                                         max_tokens=req.requested_max_tokens,
                                         logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-    return PreparedChat(prompt_ids, params, grammar, lora)
+    # Output forced into JSON (calls, response_format) has no thinking in it.
+    reasoning = state.reasoning_parser if grammar is None else None
+    tail = state.tokenizer.decode(prompt_ids[-8:]) if reasoning is not None else ""
+    return PreparedChat(prompt_ids, params, grammar, lora, reasoning, tail)
 
 
 def split_calls(state: ServingState, req: protocol.ChatCompletionRequest, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -146,16 +159,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         outputs = generation.start(state, rid, [prepared.prompt_ids], prepared.params, n, prepared.grammar, record,
                                    req.cache_salt, prepared.lora)
         model = state.model_name if prepared.lora is None else prepared.lora.name
-        reply = _Reply(state, req, rid, int(time.time()), model)
+        reply = _Reply(state, req, prepared, rid, int(time.time()), model)
         if req.stream:
             return await reply.stream(request, outputs, n, record)
         return json_response(reply.complete(await generation.collect(outputs, n)))
 
 
 class _Reply:
-    def __init__(self, state: ServingState, req: protocol.ChatCompletionRequest, rid: str, created: int,
-                 model: str) -> None:
-        self.state, self.req, self.rid, self.created = state, req, rid, created
+    def __init__(self, state: ServingState, req: protocol.ChatCompletionRequest, prepared: PreparedChat, rid: str,
+                 created: int, model: str) -> None:
+        self.state, self.req, self.prepared, self.rid, self.created = state, req, prepared, rid, created
         self.model = model  # the name the response gives: the adapter asked for, else the base model
         self.parses_tools, self.forced = parses_tools(req), forces_tools(req)
         self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
@@ -169,10 +182,11 @@ class _Reply:
     def complete(self, choices: list[generation.Choice]) -> dict:
         body = []
         for c in choices:
-            content, calls = self._calls(c.text)
+            reasoning, text = self.prepared.split_reasoning(c.text)
+            content, calls = self._calls(text)
             finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
             body.append(responses.chat_choice(c.index, content, finish, self._logprobs(c),
-                                              [call.to_openai() for call in calls]))
+                                              [call.to_openai() for call in calls], reasoning))
         return responses.chat_completion(self.rid, self.model, self.created, body, _usage(choices))
 
     def _chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
@@ -183,10 +197,11 @@ class _Reply:
                      record: RequestRecord) -> web.StreamResponse:
         choices = [generation.Choice(i) for i in range(n)]
         parsers = [self.state.tool_parser.streaming() for _ in range(n)] if self.parses_tools else None
+        thinking = [self.prepared.reasoning_stream() for _ in range(n)]
 
         def render(i: int, out: RequestOutput) -> list[dict]:
             choices[i].add(out)
-            return self._deltas(i, out, parsers[i] if parsers else None, choices[i])
+            return self._deltas(i, out, parsers[i] if parsers else None, choices[i], thinking[i])
 
         def closing() -> list[dict]:
             if not self.include_usage:
@@ -197,19 +212,25 @@ class _Reply:
         return await write_stream(request, self.state, self.rid, outputs, render, record, opening=opening,
                                   closing=closing)
 
-    def _deltas(self, i: int, out: RequestOutput, parser, choice: generation.Choice) -> list[dict]:
+    def _deltas(self, i: int, out: RequestOutput, parser, choice: generation.Choice,
+                thinking: ReasoningStream | None) -> list[dict]:
         logprobs = self._logprobs(out) if out.logprobs else None
+        text, deltas = out.text, []
+        if thinking is not None:  # thinking first, as vLLM streams it: delta.reasoning_content (and .reasoning)
+            pieces = thinking.push(out.text) + (thinking.finish() if out.finish_reason else [])
+            if reasoning := "".join(t for kind, t in pieces if kind == "reasoning"):
+                deltas.append({"reasoning_content": reasoning, "reasoning": reasoning})
+            text = "".join(t for kind, t in pieces if kind == "content")
         if self.forced:  # the JSON is only known to be calls once it is complete
-            deltas = []
             if out.finish_reason:
                 content, calls = self._calls(choice.text)
-                deltas = [{"content": content}] if content else _call_deltas(calls)
+                deltas += [{"content": content}] if content else _call_deltas(calls)
         elif parser is not None:
-            deltas = parser.push(out.text) if out.text else []
+            deltas += parser.push(text) if text else []
             if out.finish_reason:
                 deltas += parser.finish()
-        else:
-            deltas = [{"content": out.text}] if out.text else []
+        elif text:
+            deltas.append({"content": text})
         if logprobs is not None and not deltas:
             deltas = [{}]  # logprobs of tokens whose text is still held back
         chunks = [self._chunk(i, d, logprobs=logprobs if k == 0 else None) for k, d in enumerate(deltas)]

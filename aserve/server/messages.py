@@ -111,6 +111,14 @@ class OutputConfig(protocol._Lenient):
     format: OutputFormat | None = None
 
 
+class ThinkingConfig(protocol._Lenient):
+    """Thinking on or off, passed to the chat template as enable_thinking (Qwen3's switch);
+    budget_tokens is accepted and not enforced."""
+
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = None
+
+
 class MessagesRequest(CountTokensRequest):
     max_tokens: Annotated[int, Field(ge=1)]  # required, as in Anthropic's API
     stop_sequences: Annotated[list[str] | None, Field(max_length=MAX_STOP_SEQUENCES)] = None
@@ -120,6 +128,7 @@ class MessagesRequest(CountTokensRequest):
     stream: bool | None = None
     metadata: dict[str, Any] | None = None  # accepted and ignored
     output_config: OutputConfig | None = None
+    thinking: ThinkingConfig | None = None
 
 
 def _block_text(blocks: list) -> str:
@@ -168,6 +177,8 @@ def chat_request(req: CountTokensRequest) -> protocol.ChatCompletionRequest:
     if isinstance(req, MessagesRequest) and req.output_config is not None and req.output_config.format is not None:
         body["response_format"] = {"type": "json_schema",
                                    "json_schema": {"name": "output", "schema": req.output_config.format.json_schema}}
+    if isinstance(req, MessagesRequest) and req.thinking is not None:
+        body["chat_template_kwargs"] = {"enable_thinking": req.thinking.type != "disabled"}
     if isinstance(req, MessagesRequest):
         body.update({k: v for k, v in (("max_tokens", req.max_tokens), ("stop", req.stop_sequences or None),
                                        ("temperature", req.temperature), ("top_p", req.top_p), ("top_k", req.top_k))
@@ -216,7 +227,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     with state.admit(1, request_id(request), rid) as record:
         outputs = generation.start(state, rid, [prepared.prompt_ids], prepared.params, 1, prepared.grammar, record,
                                    None, prepared.lora)
-        reply = _Reply(state, chat_req, rid, req.model)
+        reply = _Reply(state, chat_req, prepared, rid, req.model)
         if req.stream:
             return await reply.stream(request, outputs, record)
         (choice,) = await generation.collect(outputs, 1)
@@ -224,16 +235,20 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 
 class _Reply:
-    def __init__(self, state: ServingState, req: protocol.ChatCompletionRequest, rid: str, model: str) -> None:
-        self.state, self.req, self.rid, self.model = state, req, rid, model
+    def __init__(self, state: ServingState, req: protocol.ChatCompletionRequest, prepared: chat.PreparedChat, rid: str,
+                 model: str) -> None:
+        self.state, self.req, self.prepared, self.rid, self.model = state, req, prepared, rid, model
 
     def _message(self, content: list[dict], stop_reason: str | None, stop_sequence: str | None, usage: dict) -> dict:
         return {"id": self.rid, "type": "message", "role": "assistant", "model": self.model, "content": content,
                 "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage}
 
     def complete(self, choice: generation.Choice) -> dict:
-        text, calls = chat.split_calls(self.state, self.req, choice.text)
-        content = ([{"type": "text", "text": text}] if text else []) + [_tool_use(c) for c in calls]
+        reasoning, rest = self.prepared.split_reasoning(choice.text)
+        text, calls = chat.split_calls(self.state, self.req, rest)
+        # A thinking block's signature proves Anthropic's servers wrote it; there is none here.
+        content = ([{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []) + \
+            ([{"type": "text", "text": text}] if text else []) + [_tool_use(c) for c in calls]
         stop = _stop_reason(choice.finish_reason, choice.stop_sequence, bool(calls))
         return self._message(content, stop, choice.stop_sequence if stop == "stop_sequence" else None, _usage(choice))
 
@@ -253,6 +268,7 @@ class _StreamEvents:
         self.reply = reply
         self.parser = reply.state.tool_parser.streaming() if chat.parses_tools(reply.req) else None
         self.forced = chat.forces_tools(reply.req)
+        self.thinking = reply.prepared.reasoning_stream()
         self.started = False
         self.text = ""  # the whole output, for forced calls
         self.index = -1  # the open block's index
@@ -266,8 +282,14 @@ class _StreamEvents:
             usage = {"input_tokens": out.prompt_tokens - out.cached_tokens, "output_tokens": 0,
                      "cache_read_input_tokens": out.cached_tokens, "cache_creation_input_tokens": 0}
             events.append({"type": "message_start", "message": self.reply._message([], None, None, usage)})
+        text = out.text
+        if self.thinking is not None:
+            pieces = self.thinking.push(out.text) + (self.thinking.finish() if out.finish_reason else [])
+            if reasoning := "".join(t for kind, t in pieces if kind == "reasoning"):
+                events += self._thinking(reasoning)
+            text = "".join(t for kind, t in pieces if kind == "content")
         if self.forced:
-            self.text += out.text
+            self.text += text
             if out.finish_reason:
                 text, calls = chat.split_calls(self.reply.state, self.reply.req, self.text)
                 if text:
@@ -275,11 +297,11 @@ class _StreamEvents:
                 for call in calls:
                     events += self._call_start(call.id, call.name) + self._call_arguments(call.arguments)
         elif self.parser is not None:
-            deltas = self.parser.push(out.text) if out.text else []
+            deltas = self.parser.push(text) if text else []
             for delta in deltas + (self.parser.finish() if out.finish_reason else []):
                 events += self._from_chat_delta(delta)
-        elif out.text:
-            events += self._text(out.text)
+        elif text:
+            events += self._text(text)
         if out.finish_reason:
             events += self._close()
             stop = _stop_reason(out.finish_reason, out.stop_sequence, self.called)
@@ -301,6 +323,11 @@ class _StreamEvents:
             if function.get("arguments"):
                 events += self._call_arguments(function["arguments"])
         return events
+
+    def _thinking(self, text: str) -> list[dict]:
+        events = [] if self.open == "thinking" else self._open({"type": "thinking", "thinking": "", "signature": ""})
+        return events + [{"type": "content_block_delta", "index": self.index,
+                          "delta": {"type": "thinking_delta", "thinking": text}}]
 
     def _text(self, text: str) -> list[dict]:
         events = [] if self.open == "text" else self._open({"type": "text", "text": ""})

@@ -18,10 +18,12 @@ def chat_completion(rid: str, model: str, created: int, choices: list[dict], use
 
 
 def chat_choice(index: int, content: str | None, finish_reason: str, logprobs: dict | None = None,
-                tool_calls: list[dict] | None = None) -> dict:
+                tool_calls: list[dict] | None = None, reasoning: str | None = None) -> dict:
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if tool_calls:
         message["tool_calls"] = tool_calls
+    if reasoning is not None:  # vLLM's two names for the thinking (reasoning_content, and reasoning since)
+        message["reasoning_content"] = message["reasoning"] = reasoning
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 

@@ -19,6 +19,7 @@ from aserve.server.errors import APIError
 from aserve.config import ServerConfig
 from aserve.server.logprobs import TokenText
 from aserve.server.metrics import Metrics
+from aserve.server.reasoning import ReasoningParser
 from aserve.server.tool_parsers import ToolParser, get_tool_parser
 
 T = TypeVar("T")
@@ -62,6 +63,12 @@ class RequestRecord:
         }).decode()
 
 
+# apply_chat_template's own arguments, which chat_template_kwargs may not override
+_RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "tokenize",
+                                     "add_generation_prompt", "continue_final_message", "return_dict",
+                                     "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs"})
+
+
 @dataclass(eq=False)
 class ServingState:
     KEY: ClassVar[web.AppKey["ServingState"]]
@@ -76,6 +83,7 @@ class ServingState:
     # repetition_penalty, max_tokens), used where a request sets none, as vLLM does.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     tool_parser: ToolParser = field(default_factory=lambda: get_tool_parser("hermes"))
+    reasoning_parser: ReasoningParser | None = None  # None: thinking, if any, stays in the content
     settings: ServerConfig = field(default_factory=ServerConfig)
     metrics: Metrics | None = None  # made in __post_init__ when not given
     in_flight: int = 0  # sequences of requests between admission and their response's end
@@ -111,18 +119,23 @@ class ServingState:
         return await self.in_tokenize_thread(self.tokenizer.decode, ids)
 
     async def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
-                          add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
+                          add_generation_prompt: bool = True, add_special_tokens: bool = False,
+                          template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        if reserved := sorted(set(template_kwargs or ()) & _RESERVED_TEMPLATE_ARGS):
+            raise APIError(f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
         return await self.in_tokenize_thread(self._encode_chat, messages, tools, add_generation_prompt,
-                                              add_special_tokens)
+                                              add_special_tokens, template_kwargs or {})
 
     def _encode_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None,
-                     add_generation_prompt: bool, add_special_tokens: bool) -> list[int]:
+                     add_generation_prompt: bool, add_special_tokens: bool, template_kwargs: dict[str, Any]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError("this model has no chat template; the chat endpoint cannot format messages",
                            code="chat_template_missing")
         try:
+            # template_kwargs (vLLM's chat_template_kwargs): variables the template reads, such
+            # as Qwen3's enable_thinking.
             text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+                                                      add_generation_prompt=add_generation_prompt, **template_kwargs)
         except Exception as exc:  # templates raise jinja errors for histories they reject
             raise APIError(f"the chat template rejected these messages: {exc}", param="messages") from None
         # The template already wrote any BOS it wants; encoding adds none unless asked (vLLM's
