@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from aserve.server import protocol, responses
+from aserve.server import objects, protocol
 from aserve.server.chat import chat_completions
 from aserve.server.completions import completions
 from aserve.server.errors import ERROR_HOOK, error_middleware, json_response
@@ -21,7 +21,7 @@ from aserve.server.tokenize import detokenize, tokenize
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
-    return json_response(responses.model_list(state.model_name, state.max_model_len, state.created,
+    return json_response(objects.model_list(state.model_name, state.max_model_len, state.created,
                                                {n: a.path for n, a in state.lora_adapters.items()}))
 
 
@@ -29,9 +29,9 @@ async def get_model(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
     name = request.match_info["model"]
     if (adapter := state.check_model(name)) is not None:
-        return json_response(responses.model_card(adapter.name, state.max_model_len, state.created,
+        return json_response(objects.model_card(adapter.name, state.max_model_len, state.created,
                                                   parent=state.model_name, root=adapter.path))
-    return json_response(responses.model_card(state.model_name, state.max_model_len, state.created))
+    return json_response(objects.model_card(state.model_name, state.max_model_len, state.created))
 
 
 async def health(request: web.Request) -> web.Response:

@@ -23,7 +23,7 @@ from aiohttp import web
 from aserve.engine.engine_loop import RequestOutput
 from aserve.engine.sequence import SamplingParams
 from aserve.models.lora import LoRAAdapter
-from aserve.server import generation, protocol, responses
+from aserve.server import generation, objects, protocol
 from aserve.server.chat_prompt import chat_inputs
 from aserve.server.errors import APIError, json_response
 from aserve.server.logprobs import chat_logprobs
@@ -149,6 +149,52 @@ def forces_tools(req: protocol.ChatCompletionRequest) -> bool:
     return bool(req.tools) and req.tool_choice not in (None, "auto", "none")
 
 
+class OutputParts:
+    """One output of the chat path as it streams, in the parts that other APIs build their
+    events from: ("reasoning", text), ("text", text), ("call", id, name), ("arguments", json
+    fragment). Calls come as the tool parser reads them (tool_choice auto) or, forced, whole at
+    the end, once their JSON is complete."""
+
+    def __init__(self, state: ServingState, req: protocol.ChatCompletionRequest, prepared: PreparedChat) -> None:
+        self.state, self.req = state, req
+        self.parser = state.tool_parser.streaming() if parses_tools(req) else None
+        self.forced = forces_tools(req)
+        self.thinking = prepared.reasoning_stream()
+        self.whole = ""  # the forced output so far
+        self.called = False  # a call was among the parts
+
+    def push(self, out: RequestOutput) -> list[tuple[str, ...]]:
+        parts: list[tuple[str, ...]] = []
+        text = out.text
+        if self.thinking is not None:
+            pieces = self.thinking.push(out.text) + (self.thinking.finish() if out.finish_reason else [])
+            if reasoning := "".join(t for kind, t in pieces if kind == "reasoning"):
+                parts.append(("reasoning", reasoning))
+            text = "".join(t for kind, t in pieces if kind == "content")
+        if self.forced:
+            self.whole += text
+            if out.finish_reason:
+                content, calls = split_calls(self.state, self.req, self.whole)
+                parts += [("text", content)] if content else []
+                for call in calls:
+                    parts += [("call", call.id, call.name), ("arguments", call.arguments)]
+        elif self.parser is not None:
+            deltas = (self.parser.push(text) if text else []) + (self.parser.finish() if out.finish_reason else [])
+            for delta in deltas:
+                if delta.get("content"):
+                    parts.append(("text", delta["content"]))
+                for fragment in delta.get("tool_calls") or []:
+                    function = fragment.get("function", {})
+                    if "id" in fragment:
+                        parts.append(("call", fragment["id"], function["name"]))
+                    if function.get("arguments"):
+                        parts.append(("arguments", function["arguments"]))
+        elif text:
+            parts.append(("text", text))
+        self.called = self.called or any(part[0] == "call" for part in parts)
+        return parts
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state: ServingState = request.app[ServingState.KEY]
     req = protocol.parse_chat_request(await read_json(request))
@@ -185,12 +231,12 @@ class _Reply:
             reasoning, text = self.prepared.split_reasoning(c.text)
             content, calls = self._calls(text)
             finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
-            body.append(responses.chat_choice(c.index, content, finish, self._logprobs(c),
+            body.append(objects.chat_choice(c.index, content, finish, self._logprobs(c),
                                               [call.to_openai() for call in calls], reasoning))
-        return responses.chat_completion(self.rid, self.model, self.created, body, _usage(choices))
+        return objects.chat_completion(self.rid, self.model, self.created, body, _usage(choices))
 
     def _chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
-        return responses.chat_chunk(self.rid, self.model, self.created, index, delta, finish,
+        return objects.chat_chunk(self.rid, self.model, self.created, index, delta, finish,
                                     self.include_usage, logprobs)
 
     async def stream(self, request: web.Request, outputs: AsyncIterator[tuple[int, RequestOutput]], n: int,
@@ -206,7 +252,7 @@ class _Reply:
         def closing() -> list[dict]:
             if not self.include_usage:
                 return []
-            return [responses.usage_chunk(self.rid, self.model, self.created, _usage(choices))]
+            return [objects.usage_chunk(self.rid, self.model, self.created, _usage(choices))]
 
         opening = [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(n)]
         return await write_stream(request, self.state, self.rid, outputs, render, record, opening=opening,
@@ -256,5 +302,5 @@ def _has_calls(deltas: list[dict]) -> bool:
 
 def _usage(choices: list[generation.Choice]) -> dict:
     # The prompt is counted once, however many choices share it (as OpenAI counts it).
-    return responses.usage(choices[0].prompt_tokens, sum(c.completion_tokens for c in choices),
+    return objects.usage(choices[0].prompt_tokens, sum(c.completion_tokens for c in choices),
                            choices[0].cached_tokens)

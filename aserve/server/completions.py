@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from aserve.engine.engine_loop import RequestOutput
-from aserve.server import generation, protocol, responses
+from aserve.server import generation, objects, protocol
 from aserve.server.chat import read_json
 from aserve.server.errors import APIError, json_response
 from aserve.server.logprobs import completion_logprobs
@@ -83,11 +83,11 @@ class _Reply:
         return completion_logprobs(tokens, entries, self.state.token_text, offset)
 
     def complete(self, choices: list[generation.Choice]) -> dict:
-        body = [responses.completion_choice(c.index, self._echo(c.index) + c.text, c.finish_reason,
+        body = [objects.completion_choice(c.index, self._echo(c.index) + c.text, c.finish_reason,
                                             self._logprobs(c.index, c, 0, True,
                                                            choices[c.index - c.index % self.n].prompt_logprobs))
                 for c in choices]
-        return responses.completion(self.rid, self.model, self.created, body, _usage(choices, self.n))
+        return objects.completion(self.rid, self.model, self.created, body, _usage(choices, self.n))
 
     async def stream(self, request: web.Request, outputs: AsyncIterator[tuple[int, RequestOutput]],
                      record: RequestRecord) -> web.StreamResponse:
@@ -119,13 +119,13 @@ class _Reply:
                 offsets[i] += sum(map(len, logprobs["tokens"]))
             if not (text or logprobs or out.finish_reason):
                 return []
-            choice = responses.completion_choice(i, text, out.finish_reason, logprobs)
-            return [responses.completion(self.rid, self.model, self.created, [choice], None)]
+            choice = objects.completion_choice(i, text, out.finish_reason, logprobs)
+            return [objects.completion(self.rid, self.model, self.created, [choice], None)]
 
         def closing() -> list[dict]:
             if not self.include_usage:
                 return []
-            return [responses.usage_chunk(self.rid, self.model, self.created, _usage(choices, self.n),
+            return [objects.usage_chunk(self.rid, self.model, self.created, _usage(choices, self.n),
                                           "text_completion")]
 
         return await write_stream(request, self.state, self.rid, outputs, render, record, closing=closing)
@@ -133,5 +133,5 @@ class _Reply:
 
 def _usage(choices: list[generation.Choice], n: int) -> dict:
     leaders = choices[::n]  # each prompt once, however many choices
-    return responses.usage(sum(c.prompt_tokens for c in leaders), sum(c.completion_tokens for c in choices),
+    return objects.usage(sum(c.prompt_tokens for c in leaders), sum(c.completion_tokens for c in choices),
                            sum(c.cached_tokens for c in leaders))

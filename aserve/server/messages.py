@@ -31,7 +31,7 @@ from aserve.server.streaming import Framing, write_stream
 from aserve.server.tool_parsers import ToolCall
 
 MAX_STOP_SEQUENCES = protocol.MAX_STOP_STRINGS
-FRAMING = Framing(typed=True, done_marker=False, keepalive={"type": "ping"}, anthropic_errors=True)
+FRAMING = Framing(typed=True, done_marker=False, keepalive={"type": "ping"}, error_event=APIError.anthropic_body)
 
 
 class TextBlock(protocol._Lenient):
@@ -260,20 +260,15 @@ class _Reply:
 
 
 class _StreamEvents:
-    """A chat output stream as Anthropic's events. Text opens a text block; with tool_choice auto
-    the tool parser's call fragments open tool_use blocks (input_json_delta); forced calls come
-    whole at the end, once their JSON is complete."""
+    """The chat path's output parts (chat.OutputParts) as Anthropic's events: each kind of part
+    opens its block (thinking, text, tool_use) and the next kind closes it."""
 
     def __init__(self, reply: _Reply) -> None:
         self.reply = reply
-        self.parser = reply.state.tool_parser.streaming() if chat.parses_tools(reply.req) else None
-        self.forced = chat.forces_tools(reply.req)
-        self.thinking = reply.prepared.reasoning_stream()
+        self.parts = chat.OutputParts(reply.state, reply.req, reply.prepared)
         self.started = False
-        self.text = ""  # the whole output, for forced calls
         self.index = -1  # the open block's index
         self.open: str | None = None  # its type
-        self.called = False
 
     def render(self, out: RequestOutput) -> list[dict]:
         events = []
@@ -282,46 +277,24 @@ class _StreamEvents:
             usage = {"input_tokens": out.prompt_tokens - out.cached_tokens, "output_tokens": 0,
                      "cache_read_input_tokens": out.cached_tokens, "cache_creation_input_tokens": 0}
             events.append({"type": "message_start", "message": self.reply._message([], None, None, usage)})
-        text = out.text
-        if self.thinking is not None:
-            pieces = self.thinking.push(out.text) + (self.thinking.finish() if out.finish_reason else [])
-            if reasoning := "".join(t for kind, t in pieces if kind == "reasoning"):
-                events += self._thinking(reasoning)
-            text = "".join(t for kind, t in pieces if kind == "content")
-        if self.forced:
-            self.text += text
-            if out.finish_reason:
-                text, calls = chat.split_calls(self.reply.state, self.reply.req, self.text)
-                if text:
-                    events += self._text(text)
-                for call in calls:
-                    events += self._call_start(call.id, call.name) + self._call_arguments(call.arguments)
-        elif self.parser is not None:
-            deltas = self.parser.push(text) if text else []
-            for delta in deltas + (self.parser.finish() if out.finish_reason else []):
-                events += self._from_chat_delta(delta)
-        elif text:
-            events += self._text(text)
+        for kind, *values in self.parts.push(out):
+            if kind == "reasoning":
+                events += self._thinking(values[0])
+            elif kind == "text":
+                events += self._text(values[0])
+            elif kind == "call":
+                events += self._open({"type": "tool_use", "id": values[0], "name": values[1], "input": {}})
+            else:
+                events.append({"type": "content_block_delta", "index": self.index,
+                               "delta": {"type": "input_json_delta", "partial_json": values[0]}})
         if out.finish_reason:
             events += self._close()
-            stop = _stop_reason(out.finish_reason, out.stop_sequence, self.called)
+            stop = _stop_reason(out.finish_reason, out.stop_sequence, self.parts.called)
             events.append({"type": "message_delta",
                            "delta": {"stop_reason": stop,
                                      "stop_sequence": out.stop_sequence if stop == "stop_sequence" else None},
                            "usage": _usage(out)})
             events.append({"type": "message_stop"})
-        return events
-
-    def _from_chat_delta(self, delta: dict) -> list[dict]:
-        if delta.get("content"):
-            return self._text(delta["content"])
-        events = []
-        for fragment in delta.get("tool_calls") or []:
-            function = fragment.get("function", {})
-            if "id" in fragment:
-                events += self._call_start(fragment["id"], function["name"])
-            if function.get("arguments"):
-                events += self._call_arguments(function["arguments"])
         return events
 
     def _thinking(self, text: str) -> list[dict]:
@@ -332,14 +305,6 @@ class _StreamEvents:
     def _text(self, text: str) -> list[dict]:
         events = [] if self.open == "text" else self._open({"type": "text", "text": ""})
         return events + [{"type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": text}}]
-
-    def _call_start(self, call_id: str, name: str) -> list[dict]:
-        self.called = True
-        return self._open({"type": "tool_use", "id": call_id, "name": name, "input": {}})
-
-    def _call_arguments(self, fragment: str) -> list[dict]:
-        return [{"type": "content_block_delta", "index": self.index,
-                 "delta": {"type": "input_json_delta", "partial_json": fragment}}]
 
     def _open(self, block: dict) -> list[dict]:
         events = self._close()

@@ -32,7 +32,7 @@ class Framing:
     typed: bool = False  # each event named by its "type" (`event: <type>` before `data:`), as Anthropic's
     done_marker: bool = True  # `data: [DONE]` last, as OpenAI's chat and completions
     keepalive: dict | None = None  # sent (typed) while nothing else is; None: an SSE comment
-    anthropic_errors: bool = False  # an error event in Anthropic's shape, else OpenAI's
+    error_event: Callable[[APIError], dict] = APIError.body  # what a failure after the headers sends
 
 
 OPENAI = Framing()
@@ -97,7 +97,5 @@ async def _send_error(sse: SSEWriter, state: ServingState, error: APIError, reco
                       framing: Framing) -> None:
     state.metrics.on_error(error.type, error.status, error.code)
     record.status, record.error = error.status, error.code
-    if framing.anthropic_errors:
-        await sse.send(error.anthropic_body(), "error")
-    else:
-        await sse.send(error.body())
+    event = framing.error_event(error)
+    await sse.send(event, event["type"] if framing.typed else None)

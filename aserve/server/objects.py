@@ -1,4 +1,4 @@
-"""The response objects we send, shaped as OpenAI's (checked against its spec in tests)."""
+"""Chat and completions response objects and stream chunks, shaped as OpenAI's (checked against its spec in tests)."""
 
 from typing import Any
 
