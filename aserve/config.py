@@ -25,6 +25,7 @@ class ServerConfig:
     # A stream whose client takes no data for this long (its socket buffers full) is cut; 0: never.
     stream_write_timeout_seconds: float = 30.0
     sse_keepalive_seconds: float = 5.0  # a stream with nothing to send for this long gets a ": keep-alive" comment
+    responses_store_size: int = 1000  # responses kept for previous_response_id and GET (oldest evicted); 0: none
     log_requests_json: bool = False  # one JSON line per finished request on the aserve.requests logger
     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's); also $ASERVE_ALLOW_RUNTIME_LORA_UPDATING=true
     allow_runtime_lora_updating: bool = False

@@ -25,7 +25,7 @@ from aserve.models.lora import LoRARegistry, wrap_model
 from aserve.models.paged_attention import attention_backend
 from aserve.models.quantize import QUANTIZATION_MODES
 from aserve.models.store import default_cache_dir, resolve_model
-from aserve.server.serving import ServingState
+from aserve.server.serving import ResponseStore, ServingState
 from aserve.server.reasoning import get_reasoning_parser
 from aserve.server.tool_parsers import get_tool_parser
 
@@ -190,6 +190,7 @@ def build_state(config: Config) -> ServingState:
                         GuidedDecoding(hf_tokenizer, loaded.args.vocab_size, eos), loaded.args.vocab_size, defaults,
                         tool_parser=get_tool_parser(config.server.tool_parser),
                         reasoning_parser=get_reasoning_parser(config.server.reasoning_parser), settings=server_settings(config),
+                        responses=ResponseStore(config.server.responses_store_size),
                         lora=registry)
 
 

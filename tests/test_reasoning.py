@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 
 from aserve.server.reasoning import get_reasoning_parser
+from openapi_schema import assert_valid
 from test_api import HELLO, Server, chat, post, serve, stream
 from test_openai_fields import WEATHER, scripted_output
 
@@ -150,3 +151,24 @@ async def test_messages_put_the_thinking_in_a_thinking_block(server):
         thinking, text = m.content
         assert (thinking.type, thinking.thinking) == ("thinking", "The user greets me.\n")
         assert (text.type, text.text) == ("text", "Hello!")
+
+
+async def test_responses_put_the_thinking_in_a_reasoning_item(server, client):
+    with scripted_output(server, THOUGHT):
+        reply = await post(client, server.url, {"model": server.model, "input": "Hi", "max_output_tokens": 100},
+                           path="/v1/responses")
+        async with client.post(server.url + "/v1/responses", json={"model": server.model, "input": "Hi",
+                                                                   "max_output_tokens": 100, "stream": True}) as resp:
+            frames = [f for f in (await resp.text()).split("\n\n") if f]
+    assert_valid("Response", reply.body)
+    reasoning, message = reply.body["output"]
+    assert reasoning["type"] == "reasoning" and reasoning["content"] == [
+        {"type": "reasoning_text", "text": "The user greets me.\n"}]
+    assert message["content"][0]["text"] == "Hello!"
+    assert 0 < reply.body["usage"]["output_tokens_details"]["reasoning_tokens"] < reply.body["usage"]["output_tokens"]
+    events = [json.loads(f.split("data: ", 1)[1]) for f in frames]
+    for event in events:
+        assert_valid("ResponseStreamEvent", event)
+    assert "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta") == "The user greets me.\n"
+    assert events[-1]["response"]["output"] == [{**reasoning, "id": events[-1]["response"]["output"][0]["id"]},
+                                                {**message, "id": events[-1]["response"]["output"][1]["id"]}]

@@ -14,6 +14,7 @@ from aserve.server.metrics import CONTENT_TYPE
 from aserve.server.middleware import REQUEST_ID, add_request_id, api_key_middleware
 from aserve.server.lora import add_lora_routes
 from aserve.server.messages import add_messages_routes
+from aserve.server.responses import add_responses_routes
 from aserve.server.page import add_page_routes
 from aserve.server.serving import ServingState
 from aserve.server.tokenize import detokenize, tokenize
@@ -82,6 +83,7 @@ def create_app(state: ServingState) -> web.Application:
         web.get("/metrics", metrics),
     ])
     add_messages_routes(app)  # Anthropic's
+    add_responses_routes(app)
     if settings.allow_runtime_lora_updating:
         add_lora_routes(app)
     if origins := [o.strip() for o in (settings.cors_allowed_origins or "").split(",") if o.strip()]:

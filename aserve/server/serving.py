@@ -3,10 +3,11 @@
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import orjson
@@ -63,6 +64,35 @@ class RequestRecord:
         }).decode()
 
 
+@dataclass
+class StoredResponse:
+    """A Responses API response kept for GET and previous_response_id (server/responses.py)."""
+
+    response: dict
+    history: list[dict]  # the conversation up to and including this response, as chat messages
+
+
+@dataclass
+class ResponseStore:
+    """Stored responses, the oldest evicted past `capacity` (0: nothing is stored)."""
+
+    capacity: int
+    items: OrderedDict[str, StoredResponse] = field(default_factory=OrderedDict)
+
+    def put(self, stored: StoredResponse) -> None:
+        if self.capacity <= 0:
+            return
+        self.items[stored.response["id"]] = stored
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+
+    def get(self, response_id: str, param: str | None = None) -> StoredResponse:
+        if (stored := self.items.get(response_id)) is None:
+            raise APIError(f"no response with id {response_id!r} is stored here (never stored, deleted or evicted)",
+                           status=404, param=param, code="response_not_found")
+        return stored
+
+
 # apply_chat_template's own arguments, which chat_template_kwargs may not override
 _RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "tokenize",
                                      "add_generation_prompt", "continue_final_message", "return_dict",
@@ -94,6 +124,7 @@ class ServingState:
     engine_task: asyncio.Task | None = None
     created: int = field(default_factory=lambda: int(time.time()))  # the model card's "created"
     lora: LoRARegistry | None = None  # the served LoRA adapters; None: LoRA is off
+    responses: ResponseStore = field(default_factory=lambda: ResponseStore(1000))  # the Responses API's stored ones
     token_text: TokenText = field(init=False)
 
     def __post_init__(self) -> None:
