@@ -18,14 +18,16 @@ from aserve.engine.guided import GuidedDecoding
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.kv_cache import KVCache, parse_bytes
 from aserve.engine.lora_slots import AdapterSlots
+from aserve.engine.encoder_runner import EncoderRunner
 from aserve.engine.model_runner import ModelRunner
 from aserve.engine.scheduler import Scheduler
+from aserve.models.encoder import Encoder, is_sentence_transformers, load_encoder
 from aserve.models.loader import LoadedModel, load_model, resolve_dtype
 from aserve.models.lora import LoRARegistry, wrap_model
 from aserve.models.paged_attention import attention_backend
 from aserve.models.quantize import QUANTIZATION_MODES
 from aserve.models.store import default_cache_dir, resolve_model
-from aserve.server.serving import ResponseStore, ServingState
+from aserve.server.serving import EmbeddingSpec, ResponseStore, ServingState
 from aserve.server.reasoning import get_reasoning_parser
 from aserve.server.tool_parsers import get_tool_parser
 
@@ -151,6 +153,8 @@ def build_state(config: Config) -> ServingState:
     # at batch 32 took 78 ms instead of 56 (bench/runner_ceiling.py's step, run on two threads).
     with _torch_threads(1):
         path = resolve_model(mc.path, cache_dir)  # may convert a GGUF file through torch, on this thread
+    if is_sentence_transformers(path):
+        return _build_encoder_state(config, path, threads)
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-model")
     try:
         loaded, kv, lora = model_thread.submit(_load, config, path, threads).result()
@@ -191,7 +195,47 @@ def build_state(config: Config) -> ServingState:
                         tool_parser=get_tool_parser(config.server.tool_parser),
                         reasoning_parser=get_reasoning_parser(config.server.reasoning_parser), settings=server_settings(config),
                         responses=ResponseStore(config.server.responses_store_size),
+                        embedding=EmbeddingSpec(loaded.args.hidden_size),
                         lora=registry)
+
+
+def _build_encoder_state(config: Config, path: Path, threads: int) -> ServingState:
+    """An embedding model (a sentence-transformers directory): the same engine loop and
+    scheduler, with an encoder runner and no KV cache; /v1/embeddings only."""
+    from transformers import AutoTokenizer
+
+    mc, ec = config.model, config.engine
+    if mc.enable_lora:
+        raise ValueError(f"{path} is an embedding model; LoRA adapters are served on generative models only")
+    device = torch.device(pick_device(mc.device))
+    # auto keeps float32: the vectors then match sentence-transformers' own to cosine 1 - 1e-6
+    dtype = torch.float32 if mc.dtype == "auto" else resolve_dtype(mc.dtype, device)[0]
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-model")
+
+    def load() -> Encoder:
+        torch.set_num_threads(threads)
+        return load_encoder(path, device, dtype)
+
+    try:
+        encoder = model_thread.submit(load).result()
+    except BaseException:
+        model_thread.shutdown(wait=False, cancel_futures=True)
+        raise
+    max_len = min(encoder.max_len, mc.max_model_len or encoder.max_len)
+    # Blocks are bookkeeping only here (no KV cache): enough for max_num_seqs prompts of max_len.
+    blocks = BlockManager(ec.max_num_seqs * -(-max_len // ec.block_size), ec.block_size, False)
+    budget = max(ec.max_num_batched_tokens, max_len)  # any one prompt fits a step whole
+    hf_tokenizer = AutoTokenizer.from_pretrained(path)
+    engine = EngineLoop(Scheduler(blocks, ec.max_num_seqs, budget, max_len, (), whole_prompts=True),
+                        EncoderRunner(encoder), tokenizers.Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str()),
+                        model_thread, max_buffered_tokens=ec.max_buffered_tokens)
+    log.info("embedding model %s on %s, %s: %s pooling%s, %d dimensions, inputs up to %d tokens", path, device,
+             str(dtype).removeprefix("torch."), encoder.pooling, ", normalized" if encoder.normalize else "",
+             encoder.dimensions, max_len)
+    return ServingState(engine, hf_tokenizer, config.server.served_model_name or path.name, max_len, None,
+                        hf_tokenizer.vocab_size, {}, settings=server_settings(config),
+                        responses=ResponseStore(0), generates=False,
+                        embedding=EmbeddingSpec(encoder.dimensions, encoder.normalize, encoder.matryoshka))
 
 
 def server_settings(config: Config) -> ServerConfig:

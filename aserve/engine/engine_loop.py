@@ -62,6 +62,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     stop_sequence: str | None = None  # on the last output: the stop string that ended it, if one did
+    embedding: torch.Tensor | None = None  # a pooling request's (float32 [hidden], not normalized)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,7 @@ class _Event:
     cached_tokens: int = 0
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: list[TokenLogprobs] | None = None  # for some prompt tokens: one prefill chunk's
+    embedding: torch.Tensor | None = None  # a pooling request's result (its only event)
 
 
 class EngineObserver(Protocol):
@@ -128,13 +130,16 @@ class EngineLoop:
                 events = [await queue.get()]
                 while not queue.empty():
                     events.append(queue.get_nowait())
-                text, finish_reason, logprobs = "", None, []
+                text, finish_reason, logprobs, embedding = "", None, [], None
                 for event in events:
                     if event.error:
                         raise EngineError(event.error, event.error_code)
                     if event.prompt_logprobs is not None:
                         prompt_logprobs.extend(event.prompt_logprobs)
                         continue
+                    if event.embedding is not None:  # a pooling request's one result
+                        embedding, finish_reason, cached_tokens = event.embedding, "stop", event.cached_tokens
+                        break
                     # One logprobs entry per counted completion token, as vLLM gives them: the
                     # stop token (EOS, stop_token_ids) and the token that completed a stop
                     # string have theirs too, though their text is not shown.
@@ -159,7 +164,7 @@ class EngineLoop:
                     self.observer.on_finished(finish_reason, time.monotonic() - request.arrival_time)
                 if text or done or logprobs:
                     yield RequestOutput(text, finish_reason, prompt_tokens, completion_tokens, cached_tokens,
-                                        logprobs, prompt_logprobs, detok.matched_stop if done else None)
+                                        logprobs, prompt_logprobs, detok.matched_stop if done else None, embedding)
                     prompt_logprobs = None
         finally:
             # Reached without a finish when the client went away (CancelledError in a
@@ -244,6 +249,12 @@ class EngineLoop:
                 logprobs = {item.seq: lp for item, lp in zip(scheduled, out.logprobs) if lp is not None}
                 for seq, token in self.scheduler.postprocess(scheduled, out.tokens):
                     self._emit(seq, token, logprobs.get(seq))
+                for item, vector in zip(scheduled, out.embeddings or ()):
+                    if vector is not None and item.seq.status.finished:
+                        self._seqs.pop(item.seq.request_id, None)
+                        if (queue := self._streams.get(item.seq.request_id)) is not None:
+                            queue.put_nowait(_Event(finish_reason="stop", cached_tokens=item.seq.num_cached_prompt,
+                                                    embedding=vector))
         except asyncio.CancelledError:
             raise
         except BaseException:

@@ -25,10 +25,13 @@ class StepOutput:
     tokens: list[int | None]  # the next token; None for a prefill chunk short of its prompt's end
     logprobs: list[TokenLogprobs | None]  # for the next token, where asked
     prompt_logprobs: list[list[TokenLogprobs] | None]  # for the prompt tokens this chunk predicts, where asked
+    # a pooling request's embedding once its prompt is computed (float32 [hidden], unnormalized)
+    embeddings: list[torch.Tensor | None] | None = None
 
     def __add__(self, other: "StepOutput") -> "StepOutput":
         return StepOutput(self.tokens + other.tokens, self.logprobs + other.logprobs,
-                          self.prompt_logprobs + other.prompt_logprobs)
+                          self.prompt_logprobs + other.prompt_logprobs,
+                          (self.embeddings or [None] * len(self.tokens)) + (other.embeddings or [None] * len(other.tokens)))
 
 
 class ModelRunner:
@@ -59,10 +62,10 @@ class ModelRunner:
                 self.load_adapters(self.last_forward_s / 2)
             batch, prompt_rows = self._build_batch(scheduled)
             started = time.perf_counter()
-            logits = self.model(batch, self.kv_cache.k, self.kv_cache.v)
+            logits, pooled = self.model.forward_pooled(batch, self.kv_cache.k, self.kv_cache.v)
             if self.fault_hook is not None:
                 self.fault_hook(scheduled, logits)
-            sampling = [s.seq for s in scheduled if s.samples]
+            sampling = [s.seq for s in scheduled if s.samples and not s.seq.params.pooling]
             sampled = sample(logits[: len(sampling)], sampling, self.generator, self.eos_token_ids)
             # A row with NaN or inf logits samples garbage: mark it, in the same transfer as the tokens.
             finite = torch.isfinite(logits[: len(sampling)]).all(dim=-1)
@@ -82,8 +85,11 @@ class ModelRunner:
             if seq.guide is not None:
                 seq.guide.accept(token)
         tokens, logprobs = iter(token_list), iter(logprob_list)
-        return StepOutput([next(tokens) if s.samples else None for s in scheduled],
-                          [next(logprobs) if s.samples else None for s in scheduled], prompt_lps)
+        vectors = iter(pooled if pooled is not None else ())
+        samples = [s.samples and not s.seq.params.pooling for s in scheduled]
+        return StepOutput([next(tokens) if sampled else None for sampled in samples],
+                          [next(logprobs) if sampled else None for sampled in samples], prompt_lps,
+                          [next(vectors) if s.samples and s.seq.params.pooling else None for s in scheduled])
 
     def load_adapters(self, budget_s: float | None = None) -> None:
         """Fills LoRA slots a layer at a time for about `budget_s` (at least one layer; None:
@@ -134,12 +140,13 @@ class ModelRunner:
                 table = seq.block_table[: self.blocks.blocks_for(span.stop)]
                 prefills.append(PrefillChunk(as_tensor(table), start, item.num_tokens))
         logits_indices: list[int] = []
+        pooling_indices: list[int] = []
         prompt_indices: list[int] = []
         prompt_rows: list[tuple[int, list[int]]] = []
         for index, item in enumerate(scheduled):
             seq, start, first = item.seq, item.seq.num_computed, first_token[index]
             if item.samples:
-                logits_indices.append(first + item.num_tokens - 1)
+                (pooling_indices if seq.params.pooling else logits_indices).append(first + item.num_tokens - 1)
             if seq.params.prompt_logprobs is not None:
                 # Position p predicts prompt token p + 1; the prompt's last position samples
                 # instead. Positions computed before a preemption already had theirs sent.
@@ -162,6 +169,7 @@ class ModelRunner:
             prefills=prefills,
             logits_indices=as_tensor(logits_indices + prompt_indices),
             lora_slots=as_tensor(lora_slots) if any(slot >= 0 for slot in lora_slots) else None,
+            pooling_indices=as_tensor(pooling_indices) if pooling_indices else None,
         ), prompt_rows
 
 

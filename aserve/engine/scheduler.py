@@ -42,7 +42,8 @@ class ScheduledSeq:
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  eos_token_ids: Iterable[int], attention_context_per_token: float = math.inf,
-                 prefill_budget_while_decoding: int = 0, loras: AdapterSlots | None = None) -> None:
+                 prefill_budget_while_decoding: int = 0, loras: AdapterSlots | None = None,
+                 whole_prompts: bool = False) -> None:
         """`attention_context_per_token`: cached positions whose attention costs as much as one
         token's matmuls (ModelArgs.attention_context_per_token); inf counts tokens only.
         `prefill_budget_while_decoding`: prefill work per step (same units) for a long prompt
@@ -61,6 +62,7 @@ class Scheduler:
         # into: a prompt that took the last free block would only get somebody preempted soon.
         self.watermark = blocks.num_blocks // 100
         self.loras = loras
+        self.whole_prompts = whole_prompts  # encoders: never a partial chunk (engine/encoder_runner.py)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -176,6 +178,8 @@ class Scheduler:
         # The step's first chunk always makes progress, even when decodes used the budget up.
         n = max(int(n), 1 if first else 0)
         n = min(n, seq.num_tokens - seq.num_computed)
+        if self.whole_prompts and n < seq.num_tokens - seq.num_computed:
+            return None  # an encoder runs a prompt whole or not at all (the budget holds any one prompt)
         return ScheduledSeq(seq, n) if n > 0 else None
 
     def ends(self, seq: Sequence, token: int) -> bool:
@@ -190,9 +194,13 @@ class Scheduler:
             seq = item.seq
             if seq.status.finished:  # aborted while the step ran
                 continue
+            pooled = seq.params.pooling and item.samples  # its prompt is computed: the runner pooled it
             seq.num_computed += item.num_tokens
             seq.max_computed = max(seq.max_computed, seq.num_computed)
             self.blocks.on_computed(seq)
+            if pooled:
+                self.remove(seq, SequenceStatus.FINISHED_STOPPED)
+                continue
             if token is None:
                 continue
             seq.output_ids.append(token)

@@ -28,6 +28,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: int | None = None  # per generated token: its logprob and this many top alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    # An embedding request: once its prompt is computed, the model's pooled hidden state is its
+    # output (models/llama.py: the last position's; models/encoder.py: its own pooling), no token.
+    pooling: bool = False
 
     @property
     def penalized(self) -> bool:

@@ -33,6 +33,8 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [B] which of the T tokens need next-token logits
     # Each token's LoRA slot (-1: the base model); None when no token uses one (models/lora.py)
     lora_slots: torch.Tensor | None = None
+    # Which of the T tokens' final hidden states are embeddings (pooling requests' last positions)
+    pooling_indices: torch.Tensor | None = None
 
     @property
     def num_paged(self) -> int:

@@ -178,11 +178,19 @@ class LlamaModel(nn.Module):
 
     def forward(self, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Returns float32 logits [B, vocab] for the tokens in batch.logits_indices."""
+        return self.forward_pooled(batch, k_cache, v_cache)[0]
+
+    def forward_pooled(self, batch: ForwardBatch, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(float32 logits [B, vocab] for batch.logits_indices, float32 final hidden states
+        [E, hidden] for batch.pooling_indices or None): last-token pooling for embeddings, as
+        vLLM pools decoder models."""
         if self.lora is not None:
             self.lora.set_rows(batch.lora_slots)
         x, residual = self.embed_tokens(batch.input_ids), None
         rope = (self.rope_cos, self.rope_sin)
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, batch, k_cache[i], v_cache[i], rope)
-        x = self.norm(x, residual)[batch.logits_indices]
-        return self.lm_head(x).float()
+        x = self.norm(x, residual)
+        pooled = x[batch.pooling_indices].float() if batch.pooling_indices is not None else None
+        return self.lm_head(x[batch.logits_indices]).float(), pooled

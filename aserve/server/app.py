@@ -13,6 +13,7 @@ from aserve.server.errors import ERROR_HOOK, error_middleware, json_response
 from aserve.server.metrics import CONTENT_TYPE
 from aserve.server.middleware import REQUEST_ID, add_request_id, api_key_middleware
 from aserve.server.lora import add_lora_routes
+from aserve.server.embeddings import add_embeddings_routes
 from aserve.server.messages import add_messages_routes
 from aserve.server.responses import add_responses_routes
 from aserve.server.page import add_page_routes
@@ -29,7 +30,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
     name = request.match_info["model"]
-    if (adapter := state.check_model(name)) is not None:
+    if (adapter := state.check_model(name, generate=False)) is not None:
         return json_response(objects.model_card(adapter.name, state.max_model_len, state.created,
                                                   parent=state.model_name, root=adapter.path))
     return json_response(objects.model_card(state.model_name, state.max_model_len, state.created))
@@ -82,6 +83,7 @@ def create_app(state: ServingState) -> web.Application:
         web.get("/health", health),
         web.get("/metrics", metrics),
     ])
+    add_embeddings_routes(app)
     add_messages_routes(app)  # Anthropic's
     add_responses_routes(app)
     if settings.allow_runtime_lora_updating:

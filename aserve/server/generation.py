@@ -88,9 +88,12 @@ class Choice:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     stop_sequence: str | None = None  # the stop string that ended it, if one did
+    embedding: Any = None  # a pooling request's vector (torch float32 [hidden])
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
+        if out.embedding is not None:
+            self.embedding = out.embedding
         self.stop_sequence = out.stop_sequence
         self.logprobs.extend(out.logprobs)
         if out.prompt_logprobs is not None:

@@ -64,6 +64,15 @@ class RequestRecord:
         }).decode()
 
 
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """What /v1/embeddings returns for the served model."""
+
+    dimensions: int
+    normalize: bool = True  # L2-normalized (a decoder's last-token pooling always is, as vLLM's default)
+    matryoshka: bool = False  # `dimensions` may shorten it (the model was trained for that)
+
+
 @dataclass
 class StoredResponse:
     """A Responses API response kept for GET and previous_response_id (server/responses.py)."""
@@ -107,7 +116,7 @@ class ServingState:
     tokenizer: Any  # a transformers tokenizer: chat template + encode
     model_name: str
     max_model_len: int
-    guided: GuidedDecoding
+    guided: GuidedDecoding | None  # None for an embedding model, which generates nothing
     vocab_size: int  # the model's logits width: valid token ids are below it
     # Sampling defaults from the model's generation_config.json (temperature, top_p, top_k,
     # repetition_penalty, max_tokens), used where a request sets none, as vLLM does.
@@ -125,6 +134,8 @@ class ServingState:
     created: int = field(default_factory=lambda: int(time.time()))  # the model card's "created"
     lora: LoRARegistry | None = None  # the served LoRA adapters; None: LoRA is off
     responses: ResponseStore = field(default_factory=lambda: ResponseStore(1000))  # the Responses API's stored ones
+    generates: bool = True  # False: an embedding (encoder) model, served on /v1/embeddings only
+    embedding: EmbeddingSpec | None = None  # None: no embeddings (set for every model launch builds)
     token_text: TokenText = field(init=False)
 
     def __post_init__(self) -> None:
@@ -142,9 +153,10 @@ class ServingState:
         except ValueError as exc:
             raise APIError(f"response_format: {exc}", param="response_format") from None
 
-    async def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return await self.in_tokenize_thread(
-            lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    async def encode_prompt(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
+        """`max_length`: cut to that many tokens, special ones kept, on the tokenizer's truncation side."""
+        return await self.in_tokenize_thread(lambda: self.tokenizer.encode(
+            text, add_special_tokens=add_special_tokens, truncation=max_length is not None, max_length=max_length))
 
     async def decode(self, ids: list[int]) -> str:
         return await self.in_tokenize_thread(self.tokenizer.decode, ids)
@@ -222,9 +234,13 @@ class ServingState:
     def lora_adapters(self) -> dict[str, LoRAAdapter]:
         return self.lora.adapters if self.lora is not None else {}
 
-    def check_model(self, model: str | None) -> LoRAAdapter | None:
+    def check_model(self, model: str | None, generate: bool = True) -> LoRAAdapter | None:
         """The LoRA adapter a request's `model` names, None for the base model (also when
-        omitted, as vLLM does); a 404 for anything else."""
+        omitted, as vLLM does); a 404 for anything else; a 400 when `generate` is asked of an
+        embedding model."""
+        if generate and not self.generates:
+            raise APIError(f"the model {self.model_name!r} is an embedding model: it does not generate text; "
+                           "use /v1/embeddings", param="model", code="model_not_generative")
         if model is None or model == self.model_name:
             return None
         if (adapter := self.lora_adapters.get(model)) is not None:

@@ -12,7 +12,7 @@ from aserve.server.serving import ServingState
 async def tokenize(request: web.Request) -> web.Response:
     state: ServingState = request.app[ServingState.KEY]
     req = protocol.parse_request(protocol.TokenizeRequest, await read_json(request))
-    state.check_model(req.model)
+    state.check_model(req.model, generate=False)
     if (req.prompt is None) == (req.messages is None):
         raise APIError("give either prompt or messages", param="prompt")
     if req.messages is not None:
@@ -32,7 +32,7 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     state: ServingState = request.app[ServingState.KEY]
     req = protocol.parse_request(protocol.DetokenizeRequest, await read_json(request))
-    state.check_model(req.model)
+    state.check_model(req.model, generate=False)
     if bad := [t for t in req.tokens if t >= state.vocab_size]:
         raise APIError(f"token id {bad[0]} is out of range; the vocabulary has {state.vocab_size} tokens",
                        param="tokens")

@@ -1,0 +1,87 @@
+"""Sentence-transformers encoders (BERT family) for /v1/embeddings.
+
+The forward is transformers' own (an encoder keeps no KV cache); around it, what the model
+directory's modules.json says: the Pooling module's mode (mean, cls, max or last token) and
+whether a Normalize module follows (then /v1/embeddings L2-normalizes). `max_seq_length`
+(sentence_bert_config.json) bounds the input, as sentence-transformers bounds it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                 "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "lasttoken"}
+SUB_BATCH = 32  # prompts padded together: a step's prompts are sorted by length and run 32 at a time
+
+
+def is_sentence_transformers(path: Path) -> bool:
+    """A sentence-transformers directory: modules.json naming a Pooling module."""
+    modules = Path(path) / "modules.json"
+    return modules.is_file() and any(m.get("type", "").endswith("Pooling") for m in json.loads(modules.read_text()))
+
+
+@dataclass
+class Encoder:
+    model: nn.Module  # transformers' AutoModel of the directory
+    pooling: str  # mean | cls | max | lasttoken
+    normalize: bool  # a Normalize module follows the pooling
+    max_len: int  # tokens per input, special tokens included
+    dimensions: int  # the embedding's size
+    matryoshka: bool  # trained so that its leading dimensions are an embedding too (config says so)
+    device: torch.device
+
+    def embed(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """float32 [dimensions] per prompt, pooled, not normalized; in the prompts' order."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        for start in range(0, len(order), SUB_BATCH):
+            part = order[start:start + SUB_BATCH]
+            width = max(len(prompts[i]) for i in part)
+            ids = torch.zeros(len(part), width, dtype=torch.long)
+            mask = torch.zeros(len(part), width, dtype=torch.long)
+            for row, i in enumerate(part):
+                ids[row, :len(prompts[i])] = torch.tensor(prompts[i])
+                mask[row, :len(prompts[i])] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            hidden = self.model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+            for row, vector in zip(part, self._pool(hidden.last_hidden_state.float(), mask)):
+                out[row] = vector
+        return out  # type: ignore[return-value]
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        if self.pooling == "mean":
+            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "max":
+            return hidden.masked_fill(weights == 0, -1e9).max(1).values
+        return hidden[torch.arange(hidden.shape[0]), mask.sum(1) - 1]
+
+
+def load_encoder(path: Path, device: torch.device, dtype: torch.dtype) -> Encoder:
+    from transformers import AutoConfig, AutoModel
+
+    path = Path(path)
+    modules = json.loads((path / "modules.json").read_text())
+    pooling_dir = next(path / m["path"] for m in modules if m.get("type", "").endswith("Pooling"))
+    pooling_config = json.loads((pooling_dir / "config.json").read_text())
+    modes = [mode for key, mode in POOLING_MODES.items() if pooling_config.get(key)]
+    if len(modes) != 1:
+        raise ValueError(f"{pooling_dir / 'config.json'}: one pooling mode of {', '.join(POOLING_MODES)} must be "
+                         f"true; found {modes or 'none'}")
+    config = AutoConfig.from_pretrained(path)
+    max_len = config.max_position_embeddings
+    if (st_config := path / "sentence_bert_config.json").is_file():
+        max_len = min(max_len, json.loads(st_config.read_text()).get("max_seq_length") or max_len)
+    model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
+    return Encoder(model, modes[0], any(m.get("type", "").endswith("Normalize") for m in modules), max_len,
+                   pooling_config.get("word_embedding_dimension") or config.hidden_size,
+                   bool(getattr(config, "is_matryoshka", False) or getattr(config, "matryoshka_dimensions", None)),
+                   torch.device(device))
