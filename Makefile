@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test bench clean chromium
+.PHONY: setup serve serve-embeddings test bench clean chromium
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ setup: $(VENV)/.installed
 
 serve: setup
 	$(VENV)/bin/aserve serve $(ARGS)
+
+# The embedding model (all-MiniLM-L6-v2, from its PyPI wheel) on /v1/embeddings.
+serve-embeddings: setup
+	$(VENV)/bin/aserve serve --model all-MiniLM-L6-v2 $(ARGS)
 
 # The browser tests drive Debian's chromium (Playwright's own browser download is never used);
 # as root, a missing chromium is installed here, elsewhere those tests are skipped with a reason.

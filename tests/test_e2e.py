@@ -22,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import openai
 import orjson
 import pytest
@@ -648,5 +649,54 @@ def test_lora_adapters_on_the_default_model_through_the_sdk(tmp_path: Path) -> N
             # The other adapter is untouched (its prompt computed afresh, as the first time: in bfloat16
             # a cached prefix may round differently).
             assert answer("beta", salt="afresh") == answers["beta"]
+    finally:
+        srv.assert_clean_exit(signal.SIGTERM)
+
+
+def test_anthropic_sdk_messages_on_the_real_model(server: ServerProcess) -> None:
+    import anthropic
+
+    with anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0) as client:
+        message = client.messages.create(model=server.model_name, max_tokens=16, messages=CAPITAL,
+                                         extra_body={"temperature": 0})
+        with client.messages.stream(model=server.model_name, max_tokens=16, messages=CAPITAL,
+                                    extra_body={"temperature": 0}) as stream:
+            streamed = "".join(stream.text_stream)
+    assert "Paris" in message.content[0].text and streamed == message.content[0].text
+
+
+def test_openai_sdk_responses_on_the_real_model(server: ServerProcess) -> None:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0) as client:
+        first = client.responses.create(model=server.model_name, input=CAPITAL[0]["content"], temperature=0,
+                                        max_output_tokens=16)
+        follow = client.responses.create(model=server.model_name, input="And of Italy?", temperature=0,
+                                         previous_response_id=first.id, max_output_tokens=16)
+    assert "Paris" in first.output_text and "Rome" in follow.output_text, (first.output_text, follow.output_text)
+
+
+def test_the_chat_model_embeds_normalized_vectors(server: ServerProcess) -> None:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0) as client:
+        data = client.embeddings.create(model=server.model_name, input=["Paris is in France.", "Hello"]).data
+    vectors = [np.array(d.embedding) for d in data]
+    assert [v.shape for v in vectors] == [(576,), (576,)]
+    assert all(abs(np.linalg.norm(v) - 1) < 1e-3 for v in vectors)
+
+
+def test_the_embedding_model_by_name_matches_sentence_transformers() -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from aserve.models.store import EMBEDDING_MODEL, default_cache_dir
+
+    texts = ["Hello world", "The quick brown fox jumps over the lazy dog.", "日本語の文も一つ。", "emoji 👋 !?", "x",
+             "def add(a, b): return a + b", "A longer sentence about printing presses, books and literacy " * 3]
+    srv = _start("--model", EMBEDDING_MODEL, defaults=True)
+    try:
+        with openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0) as client:
+            ours = np.array([d.embedding for d in client.embeddings.create(model=EMBEDDING_MODEL, input=texts).data])
+            with pytest.raises(openai.BadRequestError):
+                client.chat.completions.create(model=EMBEDDING_MODEL, messages=CAPITAL)
+        reference = SentenceTransformer(str(default_cache_dir() / EMBEDDING_MODEL), device="cpu").encode(texts)
+        cosines = (ours * reference).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(reference, axis=1)
+        assert cosines.min() >= 0.9999, cosines
     finally:
         srv.assert_clean_exit(signal.SIGTERM)
