@@ -148,6 +148,21 @@ async def test_an_embedding_model_frees_every_block_after_its_requests(encoder, 
     assert blocks.num_free == blocks.num_blocks and not encoder.state.engine.scheduler.running
 
 
+async def test_dimensions_shorten_a_matryoshka_models_vectors(tmp_path, client):
+    import json
+
+    st_dir = build_tiny_sentence_transformer(tmp_path / "mrl", seed=1)
+    config = json.loads((st_dir / "config.json").read_text())
+    (st_dir / "config.json").write_text(json.dumps({**config, "matryoshka_dimensions": [8, 16, 32]}))
+    async with serve(st_dir, {"max_model_len": ""}) as mrl:
+        short = await _embed(client, mrl, input=SENTENCES[:3], dimensions=8)
+        reply = await post(client, mrl.url, {"input": "hi", "dimensions": 33}, path="/v1/embeddings")
+    full = SentenceTransformer(str(st_dir), device="cpu").encode(SENTENCES[:3])
+    expected = full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True)  # the leading 8, normalized again
+    assert np.allclose([d["embedding"] for d in short["data"]], expected, atol=1e-5)
+    assert reply.status == 400 and "at most 32" in reply.body["error"]["message"]
+
+
 # ---------------------------------------------------------------------------- the chat model
 
 
