@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+import pytest_asyncio
 
 sys.path.insert(0, str(Path(__file__).parent))  # so test modules can `import tiny_models`
 
@@ -37,3 +40,10 @@ def _tiny_model_fixture(arch: str, tokenizer: str):
 tiny_llama_dir = _tiny_model_fixture("llama", "bpe")
 tiny_qwen2_dir = _tiny_model_fixture("qwen2", "bpe")
 tiny_qwen3_dir = _tiny_model_fixture("qwen3", "bpe")
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client for the module's in-process servers (modules may define their own)."""
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -6,7 +6,6 @@ directory; the openai SDK and OpenAI's spec check the wire format."""
 import base64
 from collections.abc import AsyncIterator
 
-import aiohttp
 import numpy as np
 import openai
 import pytest
@@ -40,12 +39,6 @@ async def encoder(st_dir) -> AsyncIterator[Server]:
 async def chat_server(tiny_llama_dir) -> AsyncIterator[Server]:
     async with serve(tiny_llama_dir) as s:
         yield s
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def _embed(client, server: Server, **body) -> dict:

@@ -6,7 +6,6 @@ with scripted text."""
 import json
 from collections.abc import AsyncIterator
 
-import aiohttp
 import anthropic
 import pytest
 import pytest_asyncio
@@ -75,12 +74,6 @@ async def server(tiny_qwen3_dir, tmp_path_factory) -> AsyncIterator[Server]:
     async with serve(tiny_qwen3_dir, {"chat_template": str(template), "max_model_len": 512},
                      reasoning_parser="qwen3") as s:
         yield s
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_thinking_is_reasoning_content_and_never_content(server, client):

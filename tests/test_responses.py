@@ -35,12 +35,6 @@ async def sdk(server) -> AsyncIterator[openai.AsyncOpenAI]:
         yield client
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def _create(client, server: Server, **body) -> dict:
     """A non-stream response, as sent, valid against the spec."""
     reply = await post(client, server.url, {"model": server.model, **body}, path="/v1/responses")
