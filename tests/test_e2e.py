@@ -530,7 +530,9 @@ def test_openai_sdk_chat_n_logprobs_and_named_tool(server: ServerProcess) -> Non
         assert [c.index for c in resp.choices] == [0, 1]
         assert resp.choices[0].message.content == resp.choices[1].message.content  # greedy
         entries = resp.choices[0].logprobs.content
-        assert "".join(e.token for e in entries) == resp.choices[0].message.content
+        assert len(entries) * 2 == resp.usage.completion_tokens  # one entry per counted token, EOS included
+        shown = entries[:-1] if resp.choices[0].finish_reason == "stop" else entries
+        assert "".join(e.token for e in shown) == resp.choices[0].message.content
         assert all(len(e.top_logprobs) == 3 for e in entries)
 
         weather = [{"role": "user", "content": "What is the weather in Paris?"}]
