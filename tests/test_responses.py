@@ -126,6 +126,22 @@ async def test_text_format_json_schema_forces_json_of_the_schema(server, sdk):
     jsonschema.validate(json.loads(response.output_text), schema)
 
 
+async def test_an_engine_error_mid_stream_is_response_failed(server):
+    runner = server.state.engine.runner
+
+    def fail(scheduled, logits):
+        raise RuntimeError("injected")
+
+    runner.fault_hook = fail
+    try:
+        events = await _events(server, input="Hi", max_output_tokens=5)
+    finally:
+        runner.fault_hook = None
+    assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.failed"]
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+
+
 # ---------------------------------------------------------------------------- tools
 
 

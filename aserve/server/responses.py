@@ -4,7 +4,8 @@ A request's `input` items (messages, function_call, function_call_output) and `i
 are read into a chat request, which chat's own checks, template, tool handling and guided
 decoding serve (chat.prepare), on the same engine. The answer comes back as Responses output
 items (reasoning, message with output_text, function_call), or in streams as typed events,
-each with a strictly increasing sequence_number.
+each with a strictly increasing sequence_number; a failure after the headers is
+`response.failed`.
 
 Conversation state: a response stored (`store`, true by default, as OpenAI's) keeps its
 conversation, the input items before it and its own output, in a bounded in-memory store
@@ -188,14 +189,14 @@ class _Reply:
                        "strict": t["function"].get("strict")}
                       for t in (tool.model_dump(exclude_none=True) for tool in chat_req.tools or ())]
 
-    def response(self, status: str, output: list[dict], usage: dict | None = None) -> dict:
+    def response(self, status: str, output: list[dict], usage: dict | None = None, error: dict | None = None) -> dict:
         req = self.req
         fmt = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text and req.text.format else \
             {"type": "text"}
         return {
             "id": self.id, "object": "response", "created_at": self.created, "status": status,
             "completed_at": int(time.time()) if status in ("completed", "incomplete") else None,
-            "error": None,
+            "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.model,
             "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
@@ -297,7 +298,9 @@ class _StreamEvents:
                 self._event("response.in_progress", response=skeleton)]
 
     def error(self, error: APIError) -> dict:
-        return self._event("error", code=error.code or error.type, message=error.message, param=error.param)
+        """A failure after the headers: response.failed, with the items finished so far."""
+        failed = self.reply.response("failed", self.output, error={"code": "server_error", "message": error.message})
+        return self._event("response.failed", response=failed)
 
     def render(self, out: RequestOutput) -> list[dict]:
         events = []
