@@ -63,16 +63,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
 
 
 async def _serve(config: Config, state: "ServingState") -> None:
-    from aserve.server.app import create_app, start_server
+    from aserve.server.app import create_app, server_ssl_context, start_server
 
     app = create_app(state)
-    runner = await start_server(app, config.server.host, config.server.port, config.server.shutdown_timeout)
+    runner = await start_server(app, config.server.host, config.server.port, config.server.shutdown_timeout,
+                                server_ssl_context(config.server))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     host, port = runner.addresses[0][:2]
-    print(f"aserve: serving {state.model_name!r} at http://{host}:{port} (OpenAI API under /v1)", flush=True)
+    scheme = "https" if config.server.ssl_certfile else "http"
+    print(f"aserve: serving {state.model_name!r} at {scheme}://{host}:{port} (OpenAI API under /v1)", flush=True)
     await stop.wait()
     print("aserve: shutting down", flush=True)
     # Stop taking requests: the socket stays open, so a new request hears why (503 shutting_down)

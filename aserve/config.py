@@ -10,6 +10,12 @@ from typing import Any
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    ssl_keyfile: str | None = None  # with ssl_certfile: serve HTTPS (vLLM's and uvicorn's flags)
+    ssl_certfile: str | None = None
+    # Bound to a loopback address, only requests whose Host is a loopback name or address, or one
+    # of these (comma-separated), are served: a web page that rebinds its domain to 127.0.0.1
+    # (DNS rebinding) gets 403 instead of the answers.
+    allowed_hosts: str | None = None
     served_model_name: str | None = None  # default: the model directory's name
     max_body_bytes: int = 4 * 1024 * 1024
     shutdown_timeout: float = 5.0

@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 
 from aserve.config import load_config
 from aserve.launch import build_state
-from aserve.server.app import create_app, start_server
+from aserve.server.app import create_app, server_ssl_context, start_server
 from aserve.server.serving import ServingState
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -68,9 +68,10 @@ async def serve(model_dir: Path, model_settings: dict[str, Any] | None = None,
     })
     state = build_state(config)
     app = create_app(state)
-    runner = await start_server(app, "127.0.0.1", 0)
+    tls = server_ssl_context(state.settings)
+    runner = await start_server(app, "127.0.0.1", 0, ssl_context=tls)
     try:
-        yield Server(f"http://127.0.0.1:{runner.addresses[0][1]}", state)
+        yield Server(f"{'https' if tls else 'http'}://127.0.0.1:{runner.addresses[0][1]}", state)
     finally:
         await runner.cleanup()
 

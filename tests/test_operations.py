@@ -90,6 +90,17 @@ async def test_metrics_show_the_engine_state(tiny_llama_dir, client, monkeypatch
 STATE_GAUGES = ["aserve:num_requests_running", "aserve:num_requests_waiting", "aserve:kv_cache_usage_perc"]
 
 
+async def test_vllms_metric_names_carry_the_same_values(server, client):
+    await chat(client, server, messages=HELLO, max_tokens=3, temperature=0, ignore_eos=True)
+    samples = await scrape(client, server)
+    names = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries_total",
+             "prefix_cache_hits_total", "generation_tokens_total", "prompt_tokens_total",
+             "time_to_first_token_seconds_count", "request_success_total"]
+    for name in names:
+        assert value(samples, f"vllm:{name}") == value(samples, f"aserve:{name}"), name
+    assert value(samples, "vllm:generation_tokens_total") >= 3 and value(samples, "vllm:prefix_cache_queries_total") > 0
+
+
 async def test_metrics_count_errors_by_type(server, client):
     before = await scrape(client, server)
     await post(client, server.url, {"messages": []})
@@ -294,3 +305,67 @@ async def test_a_draining_server_refuses_new_requests_with_503(tiny_llama_dir, c
         s.state.draining = True
         reply = await post(client, s.url, {"messages": HELLO, "max_tokens": 1})
         assert reply.status == 503 and reply.body["error"]["code"] == "shutting_down"
+
+
+# ------------------------------------------------------------------ probes
+
+
+async def test_a_draining_server_is_alive_but_not_ready(tiny_llama_dir, client):
+    async with serve(tiny_llama_dir) as s:
+        async with client.get(s.url + "/health") as ready, client.get(s.url + "/health/live") as live:
+            assert (ready.status, (await ready.json())["status"]) == (200, "ok") and live.status == 200
+        s.state.draining = True  # what SIGTERM sets (cli.py)
+        async with client.get(s.url + "/health") as ready, client.get(s.url + "/health/live") as live:
+            assert (ready.status, (await ready.json())["status"]) == (503, "draining")
+            assert (live.status, (await live.json())["status"]) == (200, "alive")
+        s.state.engine_task.cancel()  # the loop gone: neither
+        await asyncio.sleep(0.05)
+        async with client.get(s.url + "/health") as ready, client.get(s.url + "/health/live") as live:
+            assert (ready.status, live.status) == (503, 503)
+
+
+async def test_probes_need_no_key_and_version_names_the_release(keyed, client):
+    import aserve
+
+    for path in ("/health", "/health/live"):
+        async with client.get(keyed.url + path) as resp:
+            assert resp.status == 200
+    async with client.get(keyed.url + "/version", headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        assert (await resp.json()) == {"version": aserve.__version__}
+
+
+# ------------------------------------------------------------------ exposure
+
+
+@pytest.mark.parametrize(("host", "status"), [
+    ("evil.example", 403), ("evil.example:8000", 403), ("127.0.0.1:8000", 200), ("localhost", 200),
+    ("[::1]:8000", 200), ("my.lan:8000", 200),  # my.lan: given with --allowed-hosts
+])
+async def test_a_loopback_server_answers_only_loopback_or_allowed_hosts(tiny_llama_dir, client, host, status):
+    async with serve(tiny_llama_dir, allowed_hosts="my.lan") as s:
+        async with client.get(s.url + "/v1/models", headers={"Host": host}) as resp:
+            assert resp.status == status
+            if status == 403:
+                body = await resp.json()
+                assert body["error"]["code"] == "host_not_allowed" and "--allowed-hosts" in body["error"]["message"]
+
+
+async def test_https_with_a_self_signed_certificate(tiny_llama_dir, tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no certificate can be made")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    trust = ssl.create_default_context(cafile=str(cert))
+    async with serve(tiny_llama_dir, ssl_keyfile=str(key), ssl_certfile=str(cert)) as s:
+        assert s.url.startswith("https://")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(s.url + "/health", ssl=trust) as resp:
+                assert resp.status == 200
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):  # a client that does not trust it
+                await session.get(s.url + "/health")

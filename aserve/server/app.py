@@ -2,16 +2,19 @@
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+import aserve
+from aserve.config import ServerConfig
 from aserve.server import objects, protocol
 from aserve.server.chat import chat_completions
 from aserve.server.completions import completions
 from aserve.server.errors import ERROR_HOOK, error_middleware, json_response
 from aserve.server.metrics import CONTENT_TYPE
-from aserve.server.middleware import REQUEST_ID, add_request_id, api_key_middleware
+from aserve.server.middleware import REQUEST_ID, add_request_id, api_key_middleware, host_check_middleware, is_loopback
 from aserve.server.lora import add_lora_routes
 from aserve.server.embeddings import add_embeddings_routes
 from aserve.server.messages import add_messages_routes
@@ -37,9 +40,25 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """Readiness (vLLM's path, which routers poll): 200 while the engine runs and the server
+    takes requests; 503 once it drains (SIGTERM), so routers and Kubernetes stop sending to it
+    while its running requests finish, or when the engine is down."""
     state = request.app[ServingState.KEY]
-    ok = state.engine_alive()
-    return json_response({"status": "ok" if ok else "unavailable", **state.engine.stats()}, status=200 if ok else 503)
+    alive = state.engine_alive()
+    status = "unavailable" if not alive else "draining" if state.draining else "ok"
+    return json_response({"status": status, **state.engine.stats()}, status=200 if status == "ok" else 503)
+
+
+async def live(request: web.Request) -> web.Response:
+    """Liveness: 200 while the engine loop runs, draining included (a draining replica must not
+    be restarted); 503 once it has died, which only a restart mends."""
+    state = request.app[ServingState.KEY]
+    alive = state.engine_alive()
+    return json_response({"status": "alive" if alive else "dead"}, status=200 if alive else 503)
+
+
+async def version(request: web.Request) -> web.Response:
+    return json_response({"version": aserve.__version__})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -65,6 +84,8 @@ async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
 def create_app(state: ServingState) -> web.Application:
     settings = state.settings
     middlewares = [error_middleware]
+    if is_loopback(settings.host):
+        middlewares.append(host_check_middleware(settings.allowed_hosts))
     if settings.api_key:
         middlewares.append(api_key_middleware(settings.api_key, settings.metrics_require_api_key))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
@@ -81,6 +102,8 @@ def create_app(state: ServingState) -> web.Application:
         # `.+`: served names such as "org/model" hold a slash, which {model} alone would not match.
         web.get("/v1/models/{model:.+}", get_model),
         web.get("/health", health),
+        web.get("/health/live", live),
+        web.get("/version", version),  # vLLM's
         web.get("/metrics", metrics),
     ])
     add_embeddings_routes(app)
@@ -105,11 +128,23 @@ def _allow_cors(app: web.Application, origins: list[str]) -> None:
         cors.add(route)
 
 
-async def start_server(app: web.Application, host: str, port: int, shutdown_timeout: float = 5.0) -> web.AppRunner:
+async def start_server(app: web.Application, host: str, port: int, shutdown_timeout: float = 5.0,
+                       ssl_context: ssl.SSLContext | None = None) -> web.AppRunner:
     """Starts serving; returns the runner (runner.addresses has the bound port when port=0)."""
     # handler_cancellation: a client that disconnects cancels its handler, and with it its request.
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None)
     await runner.setup()
     # shutdown_timeout belongs to the runner; passing it to the site too is deprecated (and redundant).
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     return runner
+
+
+def server_ssl_context(settings: ServerConfig) -> ssl.SSLContext | None:
+    """HTTPS from --ssl-certfile and --ssl-keyfile (both, or neither)."""
+    if not settings.ssl_certfile and not settings.ssl_keyfile:
+        return None
+    if not (settings.ssl_certfile and settings.ssl_keyfile):
+        raise ValueError("give both ssl_certfile and ssl_keyfile, or neither")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
+    return context

@@ -1,4 +1,6 @@
-"""Prometheus metrics, named like vLLM's under an `aserve:` prefix (README lists them).
+"""Prometheus metrics, named like vLLM's under an `aserve:` prefix, and those vLLM has also
+under its own `vllm:` names (README lists them): routers, autoscalers and dashboards written
+for vLLM (the Gateway API Inference Extension, KServe, the production-stack router) read those.
 
 One registry per server (not prometheus_client's global one), so several servers in one
 process, as in the tests, keep their own counts. The engine reports through the
@@ -64,6 +66,11 @@ class Metrics:
         self.batch = Histogram("aserve:engine_step_batch_size", "Sequences in one engine step",
                                buckets=_BATCH_BUCKETS, **labels)
         self._model = model_name
+        # The same families again under vLLM's names (always: two names cost a few lines of text).
+        self.registry.register(_Renamed([self.running, self.waiting, self.kv_usage, self.prefix_queries,
+                                          self.prefix_hits, self.preemptions, self.prompt_tokens,
+                                          self.generation_tokens, self.success, self.ttft, self.itl, self.e2e,
+                                          self.queue], "aserve:", "vllm:"))
 
     # ---- EngineObserver ----
 
@@ -111,3 +118,17 @@ class Metrics:
             self.lora_info.labels(",".join(sorted(running)), ",".join(sorted(waiting)),
                                   str(max_loras)).set_to_current_time()
         return generate_latest(self.registry)
+
+
+class _Renamed:
+    """A collector that yields other collectors' families under another prefix."""
+
+    def __init__(self, collectors: list, old: str, new: str) -> None:
+        self.collectors, self.old, self.new = collectors, old, new
+
+    def collect(self):
+        for collector in self.collectors:
+            for family in collector.collect():
+                family.name = self.new + family.name.removeprefix(self.old)
+                family.samples = [s._replace(name=self.new + s.name.removeprefix(self.old)) for s in family.samples]
+                yield family
