@@ -563,6 +563,8 @@ BAD_REQUESTS: list[tuple[str, str, str, Any, int, str | None, str | None]] = [
      {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, "x"]}]},
      400, None, "messages[0].content[1]"),
     ("n-too-many", "POST", CHAT, {"messages": HELLO, "n": 17}, 400, None, "n"),
+    ("continue-a-user-message", "POST", CHAT, {"messages": HELLO, "add_generation_prompt": False,
+                                               "continue_final_message": True}, 400, None, "continue_final_message"),
     ("stream-a-string", "POST", CHAT, {"messages": HELLO, "stream": "yes"}, 400, None, "stream"),
     ("stream-options-a-string", "POST", CHAT, {"messages": HELLO, "stream": True, "stream_options": "usage"},
      400, None, "stream_options"),

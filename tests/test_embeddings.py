@@ -156,6 +156,27 @@ async def test_dimensions_shorten_a_matryoshka_models_vectors(tmp_path, client):
     assert reply.status == 400 and "at most 32" in reply.body["error"]["message"]
 
 
+async def test_a_directory_saved_by_sentence_transformers_today_is_served(st_dir, tmp_path, client):
+    SentenceTransformer(str(st_dir), device="cpu").save(str(tmp_path / "saved"))  # its newer config format
+    async with serve(tmp_path / "saved", {"max_model_len": ""}) as saved:
+        body = await _embed(client, saved, input=SENTENCES)
+    reference = SentenceTransformer(str(tmp_path / "saved"), device="cpu").encode(SENTENCES)
+    assert _cosines(np.array([d["embedding"] for d in body["data"]]), reference).min() >= 0.9999
+
+
+async def test_a_module_that_would_change_the_vectors_is_refused_at_start(st_dir, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(st_dir, tmp_path / "dense")
+    modules = json.loads((tmp_path / "dense" / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    (tmp_path / "dense" / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match="Dense are not supported"):
+        async with serve(tmp_path / "dense", {"max_model_len": ""}):
+            pass
+
+
 # ---------------------------------------------------------------------------- the chat model
 
 

@@ -163,6 +163,16 @@ def test_an_adapters_sequence_waits_for_its_slot_while_base_model_sequences_run(
     assert "lora" in [item.seq.request_id for item in s.schedule()]
 
 
+def test_a_one_token_prompt_does_not_decode_before_its_slot_is_full():
+    # A prompt of one token (or one the prefix cache covers) goes straight to decoding.
+    slots = AdapterSlots(max_loras=1)
+    s = Scheduler(BlockManager(64, 4), 4, 64, 64, [2], loras=slots)
+    s.add(Sequence("one", [10], SamplingParams(max_tokens=4), lora=lora.LoRAAdapter("a", "/a", 4, serial=1)))
+    assert s.schedule() == [] and s.schedule() == []  # admitted; its slot is still filling
+    slots.loading.clear()
+    assert [item.seq.request_id for item in s.schedule()] == ["one"]
+
+
 def test_past_max_cpu_loras_the_least_recently_used_adapter_leaves_memory(tiny_llama_dir, adapters, tmp_path):
     make_adapter(tiny_llama_dir, tmp_path / "third", seed=3)
     args = load_model(tiny_llama_dir, "cpu", "float32", 64).args

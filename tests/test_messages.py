@@ -175,6 +175,17 @@ async def test_output_config_format_forces_json_of_the_schema(server, sdk):
     assert message.stop_reason == "end_turn"
 
 
+async def test_a_final_assistant_message_is_continued_not_closed(server, sdk, client):
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure, here"}]
+    counted = await sdk.messages.count_tokens(model=server.model, messages=history)
+    reply = await post(client, server.url, {"messages": history, "add_generation_prompt": False,
+                                            "continue_final_message": True}, path="/tokenize")
+    prompt = (await post(client, server.url, {"tokens": reply.body["tokens"]}, path="/detokenize")).body["prompt"]
+    assert counted.input_tokens == reply.body["count"] and prompt.endswith("Sure, here")  # the turn left open
+    message = await sdk.messages.create(model=server.model, max_tokens=3, messages=history)
+    assert message.usage.input_tokens + message.usage.cache_read_input_tokens == counted.input_tokens
+
+
 # ---------------------------------------------------------------------------- tools
 
 
@@ -258,6 +269,21 @@ async def test_a_bad_request_is_anthropics_400(server, client, body, words):
     assert reply.status == 400
     assert reply.body["type"] == "error" and reply.body["error"]["type"] == "invalid_request_error"
     assert words in reply.body["error"]["message"]
+
+
+DEEP = '{"a": ' * 990 + "{}" + "}" * 990  # JSON nested past Python's recursion limit (json.dumps cannot write it)
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/messages", '{"max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", '
+                     '"content": [{"type": "tool_use", "id": "t", "name": "f", "input": %s}]}, {"role": "user", '
+                     '"content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}]}]}' % DEEP),
+    ("/v1/messages/count_tokens", '{"messages": [{"role": "user", "content": "Hi"}], '
+                                  '"tools": [{"name": "f", "input_schema": %s}]}' % DEEP),
+])
+async def test_input_nested_past_pythons_limit_is_a_400(server, client, path, body):
+    reply = await post(client, server.url, body.replace("{", '{"model": "%s", ' % server.model, 1).encode(), path=path)
+    assert reply.status == 400 and reply.body["error"]["type"] == "invalid_request_error", reply.body  # never a 500
 
 
 async def test_a_wrong_key_is_anthropics_authentication_error(server):

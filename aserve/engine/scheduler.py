@@ -83,7 +83,7 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSeq]:
         decodes = []
         for seq in list(self.running):
-            if seq.status == SequenceStatus.RUNNING and not seq.in_prefill and self._grow(seq):
+            if seq.status == SequenceStatus.RUNNING and not seq.in_prefill and self._lora_ready(seq) and self._grow(seq):
                 decodes.append(ScheduledSeq(seq, 1))
         budget = float(self.max_num_batched_tokens - len(decodes))
         prefills: list[ScheduledSeq] = []

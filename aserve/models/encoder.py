@@ -89,9 +89,17 @@ def load_encoder(path: Path, device: torch.device, dtype: torch.dtype) -> Encode
 
     path = Path(path)
     modules = json.loads((path / "modules.json").read_text())
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+    if unknown := [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]:
+        # A Dense projection, say, changes the vectors: serving without it would be wrong.
+        raise ValueError(f"{path / 'modules.json'}: the module(s) {', '.join(unknown)} are not supported; "
+                         "aserve serves Transformer, Pooling and Normalize")
     pooling_dir = next(path / m["path"] for m in modules if m.get("type", "").endswith("Pooling"))
     pooling_config = json.loads((pooling_dir / "config.json").read_text())
     modes = [mode for key, mode in POOLING_MODES.items() if pooling_config.get(key)]
+    if isinstance(pooling_config.get("pooling_mode"), str):  # newer sentence-transformers write the mode by name
+        modes = [pooling_config["pooling_mode"]] if pooling_config["pooling_mode"] in POOLING_MODES.values() else []
+        pooling_config.setdefault("word_embedding_dimension", pooling_config.get("embedding_dimension"))
     if len(modes) != 1:
         raise ValueError(f"{pooling_dir / 'config.json'}: one pooling mode of {', '.join(POOLING_MODES)} must be "
                          f"true; found {modes or 'none'}")

@@ -113,7 +113,9 @@ async def prepare(state: ServingState, req: protocol.ChatCompletionRequest) -> P
         messages, tools = chat_inputs(req, state.tokenizer.chat_template)
     except RecursionError:  # json.dumps of a tool's parameters schema
         raise APIError("a tool's parameters nest too deeply", param="tools") from None
-    prompt_ids = await state.encode_chat(messages, tools, template_kwargs=req.chat_template_kwargs)
+    prompt_ids = await state.encode_chat(messages, tools, req.add_generation_prompt,
+                                         template_kwargs=req.chat_template_kwargs,
+                                         continue_final_message=req.continue_final_message)
     schema = forced_tool_schema(req)
     if schema is not None:
         grammar = await state.compile_grammar({"type": "json_schema", "json_schema": {"name": "tools", "schema": schema}})

@@ -39,6 +39,7 @@ class EmbeddingRequest(protocol._Lenient):
 
 
 def _vector(embedding: torch.Tensor, dimensions: int | None, normalize: bool) -> torch.Tensor:
+    embedding = embedding.float().cpu()  # pooled on the model's device
     if dimensions is not None:
         embedding = embedding[:dimensions]  # Matryoshka: the leading dimensions, normalized again
     return F.normalize(embedding, dim=-1) if normalize or dimensions is not None else embedding

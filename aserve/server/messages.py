@@ -137,6 +137,13 @@ def _block_text(blocks: list) -> str:
 
 def chat_request(req: CountTokensRequest) -> protocol.ChatCompletionRequest:
     """The chat request that says the same to the model."""
+    try:
+        return _chat_request(req)
+    except RecursionError:  # json.dumps of a tool_use input nested past Python's limit
+        raise APIError("a tool_use input nests too deeply", param="messages") from None
+
+
+def _chat_request(req: CountTokensRequest) -> protocol.ChatCompletionRequest:
     messages: list[dict[str, Any]] = []
     if req.system:
         system = req.system if isinstance(req.system, str) else _block_text(req.system)
@@ -162,6 +169,8 @@ def chat_request(req: CountTokensRequest) -> protocol.ChatCompletionRequest:
         if any(isinstance(b, TextBlock) for b in m.content) or not any(isinstance(b, ToolResultBlock) for b in m.content):
             messages.append({"role": "user", "content": _block_text(m.content)})
     body: dict[str, Any] = {"model": req.model, "messages": messages}
+    if req.messages[-1].role == "assistant":  # a prefill: the answer continues that text, as Anthropic's does
+        body.update(add_generation_prompt=False, continue_final_message=True)
     if req.tools:
         body["tools"] = [{"type": "function", "function": {"name": t.name, "parameters": t.input_schema,
                                                            **({"description": t.description} if t.description else {})}}
@@ -172,6 +181,8 @@ def chat_request(req: CountTokensRequest) -> protocol.ChatCompletionRequest:
             if not choice.name:
                 raise APIError("tool_choice of type 'tool' needs the tool's name", param="tool_choice.name")
             body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        elif choice.type == "any" and not req.tools:
+            raise APIError("tool_choice of type 'any' needs tools", param="tool_choice")
         elif req.tools or choice.type == "none":
             body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
     if isinstance(req, MessagesRequest) and req.output_config is not None and req.output_config.format is not None:
@@ -214,8 +225,17 @@ async def count_tokens(request: web.Request) -> web.Response:
     chat_req = chat_request(req)
     state.check_model(chat_req.model)
     state.check_prompt_chars(sum(len(m.text(i)) for i, m in enumerate(chat_req.messages)), "messages")
-    messages, tools = chat_inputs(chat_req, state.tokenizer.chat_template)
-    return json_response({"input_tokens": len(await state.encode_chat(messages, tools))})
+    if len(chat_req.messages) > state.settings.max_messages:
+        raise APIError(f"too many messages: {len(chat_req.messages)}, the limit is {state.settings.max_messages}",
+                       param="messages")
+    try:
+        messages, tools = chat_inputs(chat_req, state.tokenizer.chat_template)
+    except RecursionError:  # json.dumps of a tool's input_schema
+        raise APIError("a tool's input_schema nests too deeply", param="tools") from None
+    ids = await state.encode_chat(messages, tools, chat_req.add_generation_prompt,
+                                  template_kwargs=chat_req.chat_template_kwargs,
+                                  continue_final_message=chat_req.continue_final_message)
+    return json_response({"input_tokens": len(ids)})
 
 
 async def messages(request: web.Request) -> web.StreamResponse:

@@ -153,6 +153,9 @@ class ChatCompletionRequest(_GenerationRequest):
     parallel_tool_calls: bool | None = None  # accepted; the model may call several tools either way
     # vLLM's: variables for the chat template, such as {"enable_thinking": false} for Qwen3
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: continue the last (assistant) message instead of opening a new turn (a "prefill")
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class CompletionRequest(_GenerationRequest):
@@ -186,6 +189,7 @@ class TokenizeRequest(_Lenient):
     tools: list[Tool] | None = None
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     return_token_strs: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -206,6 +210,9 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
                            f"which is not among the tools ({', '.join(names) or 'none given'})", param="tool_choice")
     elif request.tool_choice == "required" and not request.tools:
         raise APIError('tool_choice "required" needs tools', param="tool_choice")
+    if request.continue_final_message and (request.add_generation_prompt or request.messages[-1].role != "assistant"):
+        raise APIError("continue_final_message continues a last assistant message, with add_generation_prompt "
+                       "false", param="continue_final_message")
     if request.tools and request.response_format and request.response_format.type != "text":
         raise APIError("response_format cannot be combined with tools", param="response_format")
     return request

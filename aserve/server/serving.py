@@ -163,11 +163,13 @@ class ServingState:
 
     async def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
                           add_generation_prompt: bool = True, add_special_tokens: bool = False,
-                          template_kwargs: dict[str, Any] | None = None) -> list[int]:
+                          template_kwargs: dict[str, Any] | None = None,
+                          continue_final_message: bool = False) -> list[int]:
         if reserved := sorted(set(template_kwargs or ()) & _RESERVED_TEMPLATE_ARGS):
             raise APIError(f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
         return await self.in_tokenize_thread(self._encode_chat, messages, tools, add_generation_prompt,
-                                              add_special_tokens, template_kwargs or {})
+                                              add_special_tokens, {**(template_kwargs or {}),
+                                                                   "continue_final_message": continue_final_message})
 
     def _encode_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None,
                      add_generation_prompt: bool, add_special_tokens: bool, template_kwargs: dict[str, Any]) -> list[int]:

@@ -19,7 +19,7 @@ async def tokenize(request: web.Request) -> web.Response:
         chat = protocol.ChatCompletionRequest(messages=req.messages, tools=req.tools)
         messages, tools = chat_inputs(chat, state.tokenizer.chat_template)
         tokens = await state.encode_chat(messages, tools, req.add_generation_prompt, bool(req.add_special_tokens),
-                                         req.chat_template_kwargs)
+                                         req.chat_template_kwargs, req.continue_final_message)
     else:
         add_special = True if req.add_special_tokens is None else req.add_special_tokens
         tokens = await state.encode_prompt(req.prompt, add_special)
