@@ -236,6 +236,15 @@ async def test_the_store_keeps_only_the_newest_responses(tiny_llama_dir, client)
     assert found == [404, 200, 200]
 
 
+async def test_a_conversation_past_the_context_is_a_400_in_the_responses_terms(server, client):
+    first = await _create(client, server, input="word " * 200, max_output_tokens=2)
+    reply = await post(client, server.url, {"model": server.model, "input": "word " * 300,
+                                            "previous_response_id": first["id"], "max_output_tokens": 4},
+                       path="/v1/responses")
+    assert reply.status == 400 and reply.body["error"]["code"] == "context_length_exceeded"
+    assert reply.body["error"]["param"] == "input" and "max_output_tokens" in reply.body["error"]["message"]
+
+
 # ---------------------------------------------------------------------------- refusals
 
 

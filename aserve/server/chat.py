@@ -101,9 +101,11 @@ class PreparedChat:
         return self.reasoning.stream(self.prompt_tail) if self.reasoning is not None else None
 
 
-async def prepare(state: ServingState, req: protocol.ChatCompletionRequest) -> PreparedChat:
+async def prepare(state: ServingState, req: protocol.ChatCompletionRequest,
+                  names: tuple[str, str] | None = None) -> PreparedChat:
     """Everything that can reject a chat request, before any response goes out; shared by the
-    endpoints that speak chat underneath (Anthropic's Messages)."""
+    endpoints that speak chat underneath (Anthropic's Messages, the Responses API), which give
+    their own `names` for the prompt and max_tokens."""
     lora = await state.loaded_adapter(state.check_model(req.model))
     limits = state.settings
     if len(req.messages) > limits.max_messages:
@@ -123,7 +125,7 @@ async def prepare(state: ServingState, req: protocol.ChatCompletionRequest) -> P
         grammar = await generation.compile_response_format(state, req.response_format)
     params = generation.sampling_params(req, len(prompt_ids), state,
                                         max_tokens=req.requested_max_tokens,
-                                        logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                                        logprobs=(req.top_logprobs or 0) if req.logprobs else None, names=names)
     # Output forced into JSON (calls, response_format) has no thinking in it.
     reasoning = state.reasoning_parser if grammar is None else None
     tail = state.tokenizer.decode(prompt_ids[-8:]) if reasoning is not None else ""

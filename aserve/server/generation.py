@@ -22,9 +22,12 @@ from aserve.server.serving import RequestRecord, ServingState
 
 
 def sampling_params(req: protocol._GenerationRequest, prompt_len: int, state: ServingState, *,
-                    max_tokens: int | None, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
-    """`max_tokens`: what the request asked for (None: the default, else the room left)."""
+                    max_tokens: int | None, logprobs: int | None = None, prompt_logprobs: int | None = None,
+                    names: tuple[str, str] | None = None) -> SamplingParams:
+    """`max_tokens`: what the request asked for (None: the default, else the room left).
+    `names`: the API's own names for the prompt and max_tokens, for the context-length error."""
+    prompt_name, max_tokens_name = names or (
+        "messages" if isinstance(req, protocol.ChatCompletionRequest) else "prompt", "max_tokens")
     room = state.max_model_len - prompt_len
     defaults = state.generation_defaults
     if max_tokens is None:
@@ -35,8 +38,8 @@ def sampling_params(req: protocol._GenerationRequest, prompt_len: int, state: Se
         raise APIError(
             f"this model's maximum context length is {state.max_model_len} tokens, but you requested "
             f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} in the completion); "
-            "shorten the prompt or lower max_tokens",
-            param="messages" if isinstance(req, protocol.ChatCompletionRequest) else "prompt",
+            f"shorten the {prompt_name} or lower {max_tokens_name}",
+            param=prompt_name,
             code="context_length_exceeded",
         )
     vocab = state.vocab_size

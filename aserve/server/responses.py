@@ -384,7 +384,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         if req.previous_response_id else []
     history = history + input_messages(req.input)
     chat_req = chat_request(req, history)
-    prepared = await chat.prepare(state, chat_req)
+    prepared = await chat.prepare(state, chat_req, names=("input", "max_output_tokens"))
     model = state.model_name if prepared.lora is None else prepared.lora.name
     reply = _Reply(state, req, chat_req, prepared, history, model)
     with state.admit(1, request_id(request), reply.id) as record:
