@@ -22,7 +22,7 @@ class EncoderRunner:
         self.fault_hook: Callable[[Seq[ScheduledSeq], list[torch.Tensor]], None] | None = None
 
     def run(self, scheduled: Seq[ScheduledSeq]) -> StepOutput:
-        assert all(item.samples and item.seq.num_computed == 0 for item in scheduled), "encoders run whole prompts"
+        assert all(item.pools and item.seq.num_computed == 0 for item in scheduled), "encoders run whole prompts"
         with torch.inference_mode():
             vectors = self.encoder.embed([item.seq.prompt_ids for item in scheduled])
         if self.fault_hook is not None:

@@ -14,8 +14,8 @@ goes first.
 Filling a slot (copying an adapter into every layer and repacking those layers' matrices) took
 about 100 ms on the default model, more than a decode step: done at once, it stalled every
 running stream. So the model runner fills a slot a few layers at a time, before each forward
-and never while one reads the slots, for at most half the last forward's time (`load_budget`),
-and the sequences of a slot still loading wait (admitted, but not scheduled) until it is ready.
+and never while one reads the slots, for at most half the last forward's time
+(ModelRunner.load_adapters), and the sequences of a slot still loading wait (admitted, but not scheduled) until it is ready.
 """
 
 from dataclasses import dataclass, field

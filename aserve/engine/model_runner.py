@@ -2,9 +2,8 @@
 
 from collections.abc import Callable, Collection
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
-
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -65,7 +64,7 @@ class ModelRunner:
             logits, pooled = self.model.forward_pooled(batch, self.kv_cache.k, self.kv_cache.v)
             if self.fault_hook is not None:
                 self.fault_hook(scheduled, logits)
-            sampling = [s.seq for s in scheduled if s.samples and not s.seq.params.pooling]
+            sampling = [s.seq for s in scheduled if s.samples]
             sampled = sample(logits[: len(sampling)], sampling, self.generator, self.eos_token_ids)
             # A row with NaN or inf logits samples garbage: mark it, in the same transfer as the tokens.
             finite = torch.isfinite(logits[: len(sampling)]).all(dim=-1)
@@ -86,10 +85,9 @@ class ModelRunner:
                 seq.guide.accept(token)
         tokens, logprobs = iter(token_list), iter(logprob_list)
         vectors = iter(pooled if pooled is not None else ())
-        samples = [s.samples and not s.seq.params.pooling for s in scheduled]
-        return StepOutput([next(tokens) if sampled else None for sampled in samples],
-                          [next(logprobs) if sampled else None for sampled in samples], prompt_lps,
-                          [next(vectors) if s.samples and s.seq.params.pooling else None for s in scheduled])
+        return StepOutput([next(tokens) if s.samples else None for s in scheduled],
+                          [next(logprobs) if s.samples else None for s in scheduled], prompt_lps,
+                          [next(vectors) if s.pools else None for s in scheduled])
 
     def load_adapters(self, budget_s: float | None = None) -> None:
         """Fills LoRA slots a layer at a time for about `budget_s` (at least one layer; None:
@@ -146,7 +144,9 @@ class ModelRunner:
         for index, item in enumerate(scheduled):
             seq, start, first = item.seq, item.seq.num_computed, first_token[index]
             if item.samples:
-                (pooling_indices if seq.params.pooling else logits_indices).append(first + item.num_tokens - 1)
+                logits_indices.append(first + item.num_tokens - 1)
+            elif item.pools:
+                pooling_indices.append(first + item.num_tokens - 1)
             if seq.params.prompt_logprobs is not None:
                 # Position p predicts prompt token p + 1; the prompt's last position samples
                 # instead. Positions computed before a preemption already had theirs sent.

@@ -34,9 +34,19 @@ class ScheduledSeq:
     num_tokens: int  # tokens computed this step, starting at seq.num_computed
 
     @property
-    def samples(self) -> bool:
-        # A step that reaches the end of the known tokens yields logits for the next one.
+    def completes(self) -> bool:
+        """The step reaches the end of the known tokens."""
         return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """It yields logits for the next token."""
+        return self.completes and not self.seq.params.pooling
+
+    @property
+    def pools(self) -> bool:
+        """A pooling request's prompt is computed: it yields its embedding instead."""
+        return self.completes and self.seq.params.pooling
 
 
 class Scheduler:
@@ -194,7 +204,7 @@ class Scheduler:
             seq = item.seq
             if seq.status.finished:  # aborted while the step ran
                 continue
-            pooled = seq.params.pooling and item.samples  # its prompt is computed: the runner pooled it
+            pooled = item.pools  # read before num_computed moves
             seq.num_computed += item.num_tokens
             seq.max_computed = max(seq.max_computed, seq.num_computed)
             self.blocks.on_computed(seq)

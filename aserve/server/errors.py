@@ -11,8 +11,8 @@ log = logging.getLogger("aserve.server")
 
 # OpenAI itself answers an unknown model with 404 and type invalid_request_error.
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-          404: "invalid_request_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error"}
+          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          415: "invalid_request_error"}
 
 
 def json_response(obj: object, status: int = 200) -> web.Response:
