@@ -27,7 +27,7 @@ from aserve.server.tokenize import detokenize, tokenize
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
     return json_response(objects.model_list(state.model_name, state.max_model_len, state.created,
-                                               {n: a.path for n, a in state.lora_adapters.items()}))
+                                            {n: a.path for n, a in state.lora_adapters.items()}))
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -35,7 +35,7 @@ async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     if (adapter := state.check_model(name, generate=False)) is not None:
         return json_response(objects.model_card(adapter.name, state.max_model_len, state.created,
-                                                  parent=state.model_name, root=adapter.path))
+                                                parent=state.model_name, root=adapter.path))
     return json_response(objects.model_card(state.model_name, state.max_model_len, state.created))
 
 

@@ -154,10 +154,10 @@ def forces_tools(req: protocol.ChatCompletionRequest) -> bool:
 
 
 class OutputParts:
-    """One output of the chat path as it streams, in the parts that other APIs build their
-    events from: ("reasoning", text), ("text", text), ("call", id, name), ("arguments", json
-    fragment). Calls come as the tool parser reads them (tool_choice auto) or, forced, whole at
-    the end, once their JSON is complete."""
+    """One output of the chat path as it streams, in the parts that each API builds its events
+    from: ("reasoning", text), ("text", text), ("call", id, name, index), ("arguments", json
+    fragment, index of its call). Calls come as the tool parser reads them (tool_choice auto)
+    or, forced, whole at the end, once their JSON is complete."""
 
     def __init__(self, state: ServingState, req: protocol.ChatCompletionRequest, prepared: PreparedChat) -> None:
         self.state, self.req = state, req
@@ -171,17 +171,16 @@ class OutputParts:
         parts: list[tuple[str, ...]] = []
         text = out.text
         if self.thinking is not None:
-            pieces = self.thinking.push(out.text) + (self.thinking.finish() if out.finish_reason else [])
-            if reasoning := "".join(t for kind, t in pieces if kind == "reasoning"):
+            reasoning, text = self.thinking.split(out.text, final=out.finish_reason is not None)
+            if reasoning:
                 parts.append(("reasoning", reasoning))
-            text = "".join(t for kind, t in pieces if kind == "content")
         if self.forced:
             self.whole += text
             if out.finish_reason:
                 content, calls = split_calls(self.state, self.req, self.whole)
                 parts += [("text", content)] if content else []
-                for call in calls:
-                    parts += [("call", call.id, call.name), ("arguments", call.arguments)]
+                for index, call in enumerate(calls):
+                    parts += [("call", call.id, call.name, index), ("arguments", call.arguments, index)]
         elif self.parser is not None:
             deltas = (self.parser.push(text) if text else []) + (self.parser.finish() if out.finish_reason else [])
             for delta in deltas:
@@ -190,9 +189,9 @@ class OutputParts:
                 for fragment in delta.get("tool_calls") or []:
                     function = fragment.get("function", {})
                     if "id" in fragment:
-                        parts.append(("call", fragment["id"], function["name"]))
+                        parts.append(("call", fragment["id"], function["name"], fragment["index"]))
                     if function.get("arguments"):
-                        parts.append(("arguments", function["arguments"]))
+                        parts.append(("arguments", function["arguments"], fragment["index"]))
         elif text:
             parts.append(("text", text))
         self.called = self.called or any(part[0] == "call" for part in parts)
@@ -208,8 +207,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     with state.admit(n, request_id(request), rid) as record:
         outputs = generation.start(state, rid, [prepared.prompt_ids], prepared.params, n, prepared.grammar, record,
                                    req.cache_salt, prepared.lora)
-        model = state.model_name if prepared.lora is None else prepared.lora.name
-        reply = _Reply(state, req, prepared, rid, int(time.time()), model)
+        reply = _Reply(state, req, prepared, rid, int(time.time()), state.served_name(prepared.lora))
         if req.stream:
             return await reply.stream(request, outputs, n, record)
         return json_response(reply.complete(await generation.collect(outputs, n)))
@@ -220,38 +218,33 @@ class _Reply:
                  created: int, model: str) -> None:
         self.state, self.req, self.prepared, self.rid, self.created = state, req, prepared, rid, created
         self.model = model  # the name the response gives: the adapter asked for, else the base model
-        self.parses_tools, self.forced = parses_tools(req), forces_tools(req)
         self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
 
     def _logprobs(self, out: generation.Choice | RequestOutput) -> dict | None:
         return chat_logprobs(out.logprobs, self.state.token_text) if self.req.logprobs else None
 
-    def _calls(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        return split_calls(self.state, self.req, text)
-
     def complete(self, choices: list[generation.Choice]) -> dict:
         body = []
         for c in choices:
             reasoning, text = self.prepared.split_reasoning(c.text)
-            content, calls = self._calls(text)
+            content, calls = split_calls(self.state, self.req, text)
             finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
             body.append(objects.chat_choice(c.index, content, finish, self._logprobs(c),
-                                              [call.to_openai() for call in calls], reasoning))
+                                            [call.to_openai() for call in calls], reasoning))
         return objects.chat_completion(self.rid, self.model, self.created, body, _usage(choices))
 
     def _chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
         return objects.chat_chunk(self.rid, self.model, self.created, index, delta, finish,
-                                    self.include_usage, logprobs)
+                                  self.include_usage, logprobs)
 
     async def stream(self, request: web.Request, outputs: AsyncIterator[tuple[int, RequestOutput]], n: int,
                      record: RequestRecord) -> web.StreamResponse:
-        choices = [generation.Choice(i) for i in range(n)]
-        parsers = [self.state.tool_parser.streaming() for _ in range(n)] if self.parses_tools else None
-        thinking = [self.prepared.reasoning_stream() for _ in range(n)]
+        choices = [generation.Choice(i) for i in range(n)]  # for the usage
+        parts = [OutputParts(self.state, self.req, self.prepared) for _ in range(n)]
 
         def render(i: int, out: RequestOutput) -> list[dict]:
             choices[i].add(out)
-            return self._deltas(i, out, parsers[i] if parsers else None, choices[i], thinking[i])
+            return self._deltas(i, out, parts[i])
 
         def closing() -> list[dict]:
             if not self.include_usage:
@@ -262,49 +255,34 @@ class _Reply:
         return await write_stream(request, self.state, self.rid, outputs, render, record, opening=opening,
                                   closing=closing)
 
-    def _deltas(self, i: int, out: RequestOutput, parser, choice: generation.Choice,
-                thinking: ReasoningStream | None) -> list[dict]:
+    def _deltas(self, i: int, out: RequestOutput, parts: OutputParts) -> list[dict]:
         logprobs = self._logprobs(out) if out.logprobs else None
-        text, deltas = out.text, []
-        if thinking is not None:  # thinking first, as vLLM streams it: delta.reasoning_content (and .reasoning)
-            pieces = thinking.push(out.text) + (thinking.finish() if out.finish_reason else [])
-            if reasoning := "".join(t for kind, t in pieces if kind == "reasoning"):
-                deltas.append({"reasoning_content": reasoning, "reasoning": reasoning})
-            text = "".join(t for kind, t in pieces if kind == "content")
-        if self.forced:  # the JSON is only known to be calls once it is complete
-            if out.finish_reason:
-                content, calls = self._calls(choice.text)
-                deltas += [{"content": content}] if content else _call_deltas(calls)
-        elif parser is not None:
-            deltas += parser.push(text) if text else []
-            if out.finish_reason:
-                deltas += parser.finish()
-        elif text:
-            deltas.append({"content": text})
+        deltas = [_delta(part) for part in parts.push(out)]
         if logprobs is not None and not deltas:
             deltas = [{}]  # logprobs of tokens whose text is still held back
         chunks = [self._chunk(i, d, logprobs=logprobs if k == 0 else None) for k, d in enumerate(deltas)]
         if out.finish_reason:
-            called = bool(parser.calls) if parser is not None else self.forced and _has_calls(deltas)
-            finish = "tool_calls" if called and out.finish_reason == "stop" else out.finish_reason
+            finish = "tool_calls" if parts.called and out.finish_reason == "stop" else out.finish_reason
             chunks.append(self._chunk(i, {}, finish))
         return chunks
 
 
-def _call_deltas(calls: list[ToolCall]) -> list[dict]:
-    deltas = []
-    for index, call in enumerate(calls):
-        deltas.append({"tool_calls": [{"index": index, "id": call.id, "type": "function",
-                                       "function": {"name": call.name, "arguments": ""}}]})
-        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
-    return deltas
-
-
-def _has_calls(deltas: list[dict]) -> bool:
-    return any("tool_calls" in d for d in deltas)
+def _delta(part: tuple) -> dict:
+    """An output part (OutputParts) as a chat stream's delta: the thinking as vLLM streams it
+    (reasoning_content, and reasoning), a call's id and name, then its arguments."""
+    kind, value, *rest = part
+    if kind == "reasoning":
+        return {"reasoning_content": value, "reasoning": value}
+    if kind == "text":
+        return {"content": value}
+    if kind == "call":
+        name, index = rest
+        return {"tool_calls": [{"index": index, "id": value, "type": "function",
+                                "function": {"name": name, "arguments": ""}}]}
+    return {"tool_calls": [{"index": rest[0], "function": {"arguments": value}}]}
 
 
 def _usage(choices: list[generation.Choice]) -> dict:
     # The prompt is counted once, however many choices share it (as OpenAI counts it).
     return objects.usage(choices[0].prompt_tokens, sum(c.completion_tokens for c in choices),
-                           choices[0].cached_tokens)
+                         choices[0].cached_tokens)

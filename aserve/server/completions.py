@@ -51,8 +51,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     rid = f"cmpl-{uuid.uuid4().hex}"
     with state.admit(n * len(prompts), request_id(request), rid) as record:
         outputs = generation.start(state, rid, prompts, params, n, grammar, record, req.cache_salt, lora)
-        reply = _Reply(state, req, rid, int(time.time()), state.model_name if lora is None else lora.name,
-                       prompts, echoes, n)
+        reply = _Reply(state, req, rid, int(time.time()), state.served_name(lora), prompts, echoes, n)
         if req.stream:
             return await reply.stream(request, outputs, record)
         return json_response(reply.complete(await generation.collect(outputs, n * len(prompts))))
@@ -84,8 +83,8 @@ class _Reply:
 
     def complete(self, choices: list[generation.Choice]) -> dict:
         body = [objects.completion_choice(c.index, self._echo(c.index) + c.text, c.finish_reason,
-                                            self._logprobs(c.index, c, 0, True,
-                                                           choices[c.index - c.index % self.n].prompt_logprobs))
+                                          self._logprobs(c.index, c, 0, True,
+                                                         choices[c.index - c.index % self.n].prompt_logprobs))
                 for c in choices]
         return objects.completion(self.rid, self.model, self.created, body, _usage(choices, self.n))
 
@@ -126,7 +125,7 @@ class _Reply:
             if not self.include_usage:
                 return []
             return [objects.usage_chunk(self.rid, self.model, self.created, _usage(choices, self.n),
-                                          "text_completion")]
+                                        "text_completion")]
 
         return await write_stream(request, self.state, self.rid, outputs, render, record, closing=closing)
 
@@ -134,4 +133,4 @@ class _Reply:
 def _usage(choices: list[generation.Choice], n: int) -> dict:
     leaders = choices[::n]  # each prompt once, however many choices
     return objects.usage(sum(c.prompt_tokens for c in leaders), sum(c.completion_tokens for c in choices),
-                           sum(c.cached_tokens for c in leaders))
+                         sum(c.cached_tokens for c in leaders))

@@ -106,7 +106,7 @@ async def embeddings(request: web.Request) -> web.Response:
              "embedding": _encode(_vector(c.embedding, req.dimensions, spec.normalize), req.encoding_format)}
             for c in choices]
     tokens = sum(c.prompt_tokens for c in choices)
-    return json_response({"object": "list", "data": data, "model": lora.name if lora else state.model_name,
+    return json_response({"object": "list", "data": data, "model": state.served_name(lora),
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 

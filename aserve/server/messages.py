@@ -294,8 +294,7 @@ class _StreamEvents:
         events = []
         if not self.started:
             self.started = True
-            usage = {"input_tokens": out.prompt_tokens - out.cached_tokens, "output_tokens": 0,
-                     "cache_read_input_tokens": out.cached_tokens, "cache_creation_input_tokens": 0}
+            usage = {**_usage(out), "output_tokens": 0}  # none yet
             events.append({"type": "message_start", "message": self.reply._message([], None, None, usage)})
         for kind, *values in self.parts.push(out):
             if kind == "reasoning":

@@ -37,11 +37,8 @@ class ReasoningParser:
     def parse(self, prompt_tail: str, text: str) -> tuple[str | None, str]:
         """(reasoning, content) of a whole output; reasoning None when the model did not think."""
         stream = self.stream(prompt_tail)
-        pieces = stream.push(text) + stream.finish()
-        content = "".join(t for kind, t in pieces if kind == "content")
-        if not stream.thought:
-            return None, content
-        return "".join(t for kind, t in pieces if kind == "reasoning"), content
+        reasoning, content = stream.split(text, final=True)
+        return (reasoning if stream.thought else None), content
 
 
 class ReasoningStream:
@@ -88,6 +85,12 @@ class ReasoningStream:
             self._emit(out, "content", held)
             self._held = ""
             return out
+
+    def split(self, text: str, final: bool) -> tuple[str, str]:
+        """(reasoning, content) of the output's next text, joined; `final`: nothing follows it."""
+        pieces = self.push(text) + (self.finish() if final else [])
+        return ("".join(t for kind, t in pieces if kind == "reasoning"),
+                "".join(t for kind, t in pieces if kind == "content"))
 
     def finish(self) -> list[tuple[str, str]]:
         """What is held back, at the end of the output."""

@@ -224,16 +224,19 @@ class _Reply:
         output = ([_reasoning_item(_new_id("rs"), reasoning)] if reasoning else []) + \
             ([_message_item(_new_id("msg"), text, status)] if text else []) + \
             [_call_item(_new_id("fc"), call.id, call.name, call.arguments) for call in calls]
-        return self.finish(self.response(status, output, self.usage(choice, reasoning or "")), text,
-                           [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls])
+        return self.finished(status, output, choice)
 
-    def finish(self, response: dict, text: str | None, calls: list[dict]) -> dict:
-        """Stores a finished response with its conversation (its own turn as chat's assistant
-        message; calls as {"id", "name", "arguments"})."""
+    def finished(self, status: str, output: list[dict], out: generation.Choice | RequestOutput) -> dict:
+        """The finished response, its usage counting its reasoning items' tokens; stored, when
+        asked, with its conversation: the history, then its output as chat's assistant turn."""
+        def texts(kind: str) -> str:
+            return "".join(part["text"] for item in output if item["type"] == kind for part in item["content"])
+
+        response = self.response(status, output, self.usage(out, texts("reasoning")))
         if self.store:
-            turn: dict[str, Any] = {"role": "assistant", "content": text or None}
-            if calls:
-                turn["tool_calls"] = [{"id": c["id"], "type": "function",
+            turn: dict[str, Any] = {"role": "assistant", "content": texts("message") or None}
+            if calls := [item for item in output if item["type"] == "function_call"]:
+                turn["tool_calls"] = [{"id": c["call_id"], "type": "function",
                                        "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
             self.state.responses.put(StoredResponse(response, self.history + [turn]))
         return response
@@ -283,9 +286,6 @@ class _StreamEvents:
         self.output: list[dict] = []  # finished items
         self.item: dict | None = None  # the open item
         self.text = ""  # the open item's text or arguments so far
-        self.reasoning = ""  # all reasoning, for the usage
-        self.answer = ""  # the message text, for the stored conversation
-        self.calls: list[dict] = []
 
     def _event(self, kind: str, **fields: Any) -> dict:
         event = {"type": kind, **fields, "sequence_number": self.sequence}
@@ -306,10 +306,8 @@ class _StreamEvents:
         events = []
         for kind, *values in self.parts.push(out):
             if kind == "reasoning":
-                self.reasoning += values[0]
                 events += self._delta("reasoning", "response.reasoning_text.delta", values[0], content_index=0)
             elif kind == "text":
-                self.answer += values[0]
                 events += self._delta("message", "response.output_text.delta", values[0], content_index=0,
                                       logprobs=[])
             elif kind == "call":
@@ -325,8 +323,7 @@ class _StreamEvents:
             for item in self.output:
                 if item["type"] == "message":
                     item["status"] = status
-            response = self.reply.finish(self.reply.response(status, self.output, self.reply.usage(out, self.reasoning)),
-                                         self.answer, self.calls)
+            response = self.reply.finished(status, self.output, out)
             events.append(self._event(f"response.{status}", response=response))
         return events
 
@@ -364,7 +361,6 @@ class _StreamEvents:
             events = [self._event("response.reasoning_text.done", **common, content_index=0, text=self.text)]
         else:
             done = _call_item(item["id"], item["call_id"], item["name"], self.text)
-            self.calls.append({"id": item["call_id"], "name": item["name"], "arguments": self.text})
             events = [self._event("response.function_call_arguments.done", **common, name=item["name"],
                                   arguments=self.text)]
         self.output.append(done)
@@ -385,8 +381,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     history = history + input_messages(req.input)
     chat_req = chat_request(req, history)
     prepared = await chat.prepare(state, chat_req, names=("input", "max_output_tokens"))
-    model = state.model_name if prepared.lora is None else prepared.lora.name
-    reply = _Reply(state, req, chat_req, prepared, history, model)
+    reply = _Reply(state, req, chat_req, prepared, history, state.served_name(prepared.lora))
     with state.admit(1, request_id(request), reply.id) as record:
         outputs = generation.start(state, reply.id, [prepared.prompt_ids], prepared.params, 1, prepared.grammar,
                                    record, None, prepared.lora)

@@ -236,6 +236,10 @@ class ServingState:
     def lora_adapters(self) -> dict[str, LoRAAdapter]:
         return self.lora.adapters if self.lora is not None else {}
 
+    def served_name(self, adapter: LoRAAdapter | None) -> str:
+        """The model a response names: the adapter the request ran on, else the base model."""
+        return self.model_name if adapter is None else adapter.name
+
     def check_model(self, model: str | None, generate: bool = True) -> LoRAAdapter | None:
         """The LoRA adapter a request's `model` names, None for the base model (also when
         omitted, as vLLM does); a 404 for anything else; a 400 when `generate` is asked of an
