@@ -127,19 +127,37 @@ async def test_text_format_json_schema_forces_json_of_the_schema(server, sdk):
 
 
 async def test_an_engine_error_mid_stream_is_response_failed(server):
-    runner = server.state.engine.runner
+    runner, steps = server.state.engine.runner, []
 
-    def fail(scheduled, logits):
-        raise RuntimeError("injected")
+    def fail_from_the_third_step(scheduled, logits):
+        steps.append(1)
+        if len(steps) >= 3:
+            raise RuntimeError("injected")
 
-    runner.fault_hook = fail
+    runner.fault_hook = fail_from_the_third_step
     try:
         events = await _events(server, input="Hi", max_output_tokens=5)
     finally:
         runner.fault_hook = None
-    assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.failed"]
+    types = [e["type"] for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"] and types[-1] == "response.failed"
+    assert "response.output_text.delta" in types
     failed = events[-1]["response"]
     assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+
+
+async def test_an_engine_error_before_any_output_is_an_http_error(server, client):
+    def fail(scheduled, logits):
+        raise RuntimeError("injected")
+
+    server.state.engine.runner.fault_hook = fail
+    try:
+        async with client.post(server.url + "/v1/responses",
+                               json={"model": server.model, "input": "Hi", "stream": True}) as resp:
+            status, body = resp.status, await resp.json()
+    finally:
+        server.state.engine.runner.fault_hook = None
+    assert status == 500 and body["error"]["code"] == "engine_error"
 
 
 # ---------------------------------------------------------------------------- tools

@@ -30,6 +30,11 @@ class SSEWriter:
         self._write_timeout = write_timeout or None
         self.response = web.StreamResponse(status=200, headers=HEADERS)
 
+    @property
+    def started(self) -> bool:
+        """Whether the 200 headers have been sent."""
+        return self.response.prepared
+
     async def start(self) -> None:
         await self.response.prepare(self._request)
 

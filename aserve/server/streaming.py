@@ -1,10 +1,14 @@
 """One request's merged outputs written as an SSE stream: what every streaming endpoint shares.
 
 The endpoint says how an output becomes events (`render`) and how its API frames a stream
-(`Framing`); this module owns the stream's life. Whatever happens after the 200 headers, the
-stream ends in one of two ways: with its end (OpenAI's `data: [DONE]`, after an error event if
-the request failed), or cut, when the client is gone or has stopped reading. Either way the
-outputs are closed, which aborts the request in the engine and frees its KV blocks.
+(`Framing`); this module owns the stream's life. The 200 headers go out with the first output
+(or the first keep-alive, while a request waits in the queue), not before: a request that fails
+before it has begun (its engine gone, the server draining, a timeout in the queue) gets a plain
+HTTP error, which a router in front can retry on another replica, as it can when this process
+dies before answering. Whatever happens after the headers, the stream ends in one of two ways:
+with its end (OpenAI's `data: [DONE]`, after an error event if the request failed), or cut, when
+the client is gone or has stopped reading. Either way the outputs are closed, which aborts the
+request in the engine and frees its KV blocks.
 """
 
 import logging
@@ -49,13 +53,17 @@ async def write_stream(request: web.Request, state: ServingState, rid: str,
     async def send(event: dict) -> None:
         await sse.send(event, event["type"] if framing.typed else None)
 
+    async def begin() -> None:
+        if not sse.started:
+            await sse.start()
+            for chunk in opening:
+                await send(chunk)
+
     try:
         async with aclosing(outputs):
-            await sse.start()
             try:
-                for chunk in opening:
-                    await send(chunk)
                 async for index, out in outputs:
+                    await begin()
                     if index == generation.HEARTBEAT:
                         if framing.keepalive is not None:
                             await send(framing.keepalive)
@@ -64,14 +72,19 @@ async def write_stream(request: web.Request, state: ServingState, rid: str,
                         continue
                     for chunk in render(index, out):
                         await send(chunk)
+                await begin()
                 for chunk in closing():
                     await send(chunk)
             except (EngineError, generation.RequestTimeout) as exc:
+                if not sse.started:
+                    raise generation.api_error(exc) from None  # nothing sent yet: an HTTP error
                 sent_error = True
                 await _send_error(sse, state, generation.api_error(exc), record, framing)
             except ClientGone:
                 raise
             except Exception:
+                if not sse.started:
+                    raise  # the error middleware's 500
                 # The 200 headers are out: a 500 response is no longer possible, so the stream
                 # itself must end, with an error event and [DONE], or the client waits forever.
                 log.exception("request %s failed mid-stream", rid)
