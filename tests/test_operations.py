@@ -334,6 +334,25 @@ async def test_probes_need_no_key_and_version_names_the_release(keyed, client):
         assert (await resp.json()) == {"version": aserve.__version__}
 
 
+async def test_load_counts_the_sequences_in_the_engine_as_vllm_and_vllm_router_read_it(tiny_llama_dir, client,
+                                                                                       monkeypatch):
+    async with serve(tiny_llama_dir) as s:
+        async with client.get(s.url + "/load") as vllm, client.get(s.url + "/get_load") as router:
+            assert (await vllm.json(), await router.json()) == ({"server_load": 0}, {"load": 0})
+        slow_engine(s.state, monkeypatch, 0.02)
+        body = {"messages": HELLO, "ignore_eos": True, "max_tokens": 100, "n": 3, "stream": True}
+        async with client.post(s.url + "/v1/chat/completions", json=body) as running:
+            await running.content.readuntil(b"\n\n")  # under way: its three choices are sequences
+            async with client.get(s.url + "/load") as vllm, client.get(s.url + "/get_load") as router:
+                assert (await vllm.json(), await router.json()) == ({"server_load": 3}, {"load": 3})
+
+
+async def test_the_chat_page_is_also_served_at_chat_where_routers_pass_it_through(keyed, client):
+    async with client.get(keyed.url + "/chat") as page, client.get(keyed.url + "/") as root:
+        assert page.status == 200 and page.content_type == "text/html"
+        assert await page.read() == await root.read()
+
+
 # ------------------------------------------------------------------ exposure
 
 

@@ -57,6 +57,23 @@ async def live(request: web.Request) -> web.Response:
     return json_response({"status": "alive" if alive else "dead"}, status=200 if alive else 503)
 
 
+def _load(state: ServingState) -> int:
+    """Sequences in this replica's engine, running and waiting: what load-aware routers compare.
+    It counts every client's requests, also those that did not come through a given router."""
+    stats = state.engine.stats()
+    return int(stats["running"] + stats["waiting"])
+
+
+async def load(request: web.Request) -> web.Response:
+    """vLLM's `GET /load`."""
+    return json_response({"server_load": _load(request.app[ServingState.KEY])})
+
+
+async def get_load(request: web.Request) -> web.Response:
+    """vllm-router's `power_of_two` polls `GET /get_load` and reads `load` (SGLang's path)."""
+    return json_response({"load": _load(request.app[ServingState.KEY])})
+
+
 async def version(request: web.Request) -> web.Response:
     return json_response({"version": aserve.__version__})
 
@@ -104,6 +121,8 @@ def create_app(state: ServingState) -> web.Application:
         web.get("/health", health),
         web.get("/health/live", live),
         web.get("/version", version),  # vLLM's
+        web.get("/load", load),  # vLLM's
+        web.get("/get_load", get_load),  # vllm-router's
         web.get("/metrics", metrics),
     ])
     add_embeddings_routes(app)

@@ -13,4 +13,7 @@ async def index(request: web.Request) -> web.FileResponse:
 
 def add_page_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
+    # The same page where a router in front passes it through: vllm-router forwards GET /chat
+    # to a replica, not GET /, and the page's own calls then go through the router too.
+    app.router.add_get("/chat", index)
     app.router.add_static("/static/", STATIC_DIR)
