@@ -6,13 +6,11 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup serve serve-embeddings test bench clean chromium
+.PHONY: setup serve serve-embeddings cluster test bench clean chromium
 
-$(VENV)/.installed: pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+# deploy/install.sh: the same steps build the container image (deploy/Containerfile).
+$(VENV)/.installed: pyproject.toml constraints.txt deploy/install.sh
+	PYTHON=$(PYTHON) deploy/install.sh $(VENV) test
 	touch $@
 
 setup: $(VENV)/.installed
@@ -23,6 +21,11 @@ serve: setup
 # The embedding model (all-MiniLM-L6-v2, from its PyPI wheel) on /v1/embeddings.
 serve-embeddings: setup
 	$(VENV)/bin/aserve serve --model all-MiniLM-L6-v2 $(ARGS)
+
+# Replicas on loopback behind vllm-router (deploy/cluster.py; Ctrl-C stops them all), e.g.
+#   make cluster ARGS="--replicas 3 --policy cache_aware --port 8080 -- --max-num-seqs 64"
+cluster: setup
+	$(PY) deploy/cluster.py $(ARGS)
 
 # The browser tests drive Debian's chromium (Playwright's own browser download is never used);
 # as root, a missing chromium is installed here, elsewhere those tests are skipped with a reason.

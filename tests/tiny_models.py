@@ -130,7 +130,8 @@ _ARCHES = {
 }
 
 
-def build_tiny_model(out_dir: Path, arch: str = "llama", tokenizer: str = "bpe", seed: int = 0) -> Path:
+def build_tiny_model(out_dir: Path, arch: str = "llama", tokenizer: str = "bpe", seed: int = 0,
+                     max_positions: int = 512) -> Path:
     """A 2-layer random-weight causal LM plus its tokenizer, saved as a HF model dir."""
     out_dir = Path(out_dir)
     if tokenizer == "bpe":
@@ -148,7 +149,7 @@ def build_tiny_model(out_dir: Path, arch: str = "llama", tokenizer: str = "bpe",
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         initializer_range=0.2,  # large, so greedy argmax varies by position instead of repeating
         bos_token_id=tok.token_to_id("<|endoftext|>"),
         eos_token_id=tok.token_to_id(EOS_TOKEN),
