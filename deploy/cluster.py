@@ -35,6 +35,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUTER_HEALTH_ARGS = ("--health-check-interval-secs", "1", "--health-failure-threshold", "2",
                       "--health-success-threshold", "1", "--health-check-timeout-secs", "3",
                       "--worker-startup-check-interval", "1")
+# cache_aware leaves prefix affinity for the least-loaded replica once loads are this many requests
+# apart (and 1.5x). Its default, 64, suits GPU replicas running hundreds of sequences; a CPU replica
+# here runs a few dozen, and 16 sessions sharing a system prompt all piled onto one replica
+# (bench/cluster.py affinity: first-turn TTFT p50 14.2 s at 64, 6.9 s at 4).
+ROUTER_BALANCE_ARGS = ("--balance-abs-threshold", "4")
 
 
 class ClusterError(RuntimeError):
@@ -138,7 +143,7 @@ def router(policy: str, port: int, worker_urls: list[str], metrics_port: int, lo
     return Process(f"vllm-router {policy} (:{port})",
                    [router_executable(), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
                     "--worker-urls", *worker_urls, "--prometheus-port", str(metrics_port),
-                    *ROUTER_HEALTH_ARGS, *extra_args],
+                    *ROUTER_HEALTH_ARGS, *ROUTER_BALANCE_ARGS, *extra_args],
                    log_path, dict(os.environ))
 
 
