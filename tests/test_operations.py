@@ -324,10 +324,10 @@ async def test_a_draining_server_is_alive_but_not_ready(tiny_llama_dir, client):
             assert (ready.status, live.status) == (503, 503)
 
 
-async def test_probes_need_no_key_and_version_names_the_release(keyed, client):
+async def test_probes_and_load_polls_need_no_key_and_version_names_the_release(keyed, client):
     import aserve
 
-    for path in ("/health", "/health/live"):
+    for path in ("/health", "/health/live", "/load", "/get_load"):
         async with client.get(keyed.url + path) as resp:
             assert resp.status == 200
     async with client.get(keyed.url + "/version", headers={"Authorization": f"Bearer {KEY}"}) as resp:

@@ -11,9 +11,10 @@ from aserve.server.errors import APIError
 
 REQUEST_ID = "X-Request-Id"
 _CLIENT_ID = re.compile(r"[\w\-.:/=+]{1,128}")  # an id we echo into headers and logs: no spaces, no control chars
-# Load balancers and Kubernetes probe /health and /health/live; / and /chat are the chat page, which
+# Load balancers and Kubernetes probe /health and /health/live, routers poll /load and /get_load
+# (a count /health shows anyway) without the clients' key; / and /chat are the chat page, which
 # asks for the key.
-OPEN_PATHS = frozenset({"/health", "/health/live", "/", "/chat"})
+OPEN_PATHS = frozenset({"/health", "/health/live", "/load", "/get_load", "/", "/chat"})
 _ID_KEY = web.RequestKey("request_id", str)
 
 
