@@ -7,7 +7,7 @@ Replicas listen on the ports after the router's (8081, 8082, ...), share one mod
 first to start downloads and converts while the others wait on its lock) and split the CPU
 cores between them. The router's health checks run every second, so a replica that dies or
 drains leaves the rotation within about two seconds. Arguments after `--` go to every
-`aserve serve`. bench/cluster.py and tests/test_cluster.py drive the same `Cluster`.
+`aserve serve`. bench/scale_out.py and tests/test_cluster.py drive the same `Cluster`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ ROUTER_HEALTH_ARGS = ("--health-check-interval-secs", "1", "--health-failure-thr
 # cache_aware leaves prefix affinity for the least-loaded replica once loads are this many requests
 # apart (and 1.5x). Its default, 64, suits GPU replicas running hundreds of sequences; a CPU replica
 # here runs a few dozen, and 16 sessions sharing a system prompt all piled onto one replica
-# (bench/cluster.py affinity: first-turn TTFT p50 14.2 s at 64, 6.9 s at 4).
+# (bench/scale_out.py affinity, back to back: first-turn TTFT p50 16.5 s at 64, 8.3 s at 4).
 ROUTER_BALANCE_ARGS = ("--balance-abs-threshold", "4")
 
 

@@ -47,8 +47,8 @@ async def page(browser):
     await context.close()
 
 
-async def open_chat(page, server: Server, max_tokens: int = 40) -> None:
-    await page.goto(server.url + "/")
+async def open_chat(page, server: Server, max_tokens: int = 40, path: str = "/") -> None:
+    await page.goto(server.url + path)
     await page.wait_for_function("document.querySelector('#model').options.length > 0")
     await page.fill("#max-tokens", str(max_tokens))
     await page.fill("#temperature", "0")
@@ -237,3 +237,33 @@ async def test_the_page_fits_a_phone_screen(server, browser):
         await context.close()
     assert width <= 375, f"the page scrolls sideways at phone width ({width} px)"
     assert send_box["x"] + send_box["width"] <= 375
+
+
+@pytest.mark.cluster
+async def test_the_page_streams_through_vllm_router_at_chat(page, tmp_path):
+    import socket
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from tiny_models import build_tiny_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
+    from cluster import Cluster
+
+    ports = []
+    for _ in range(4):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    model = build_tiny_model(tmp_path / "model")
+    with Cluster(2, "round_robin", ports[0], ["--model", str(model)], log_dir=tmp_path, threads_per_replica=1,
+                 replica_ports=ports[1:3], metrics_port=ports[3], start_timeout=180) as cluster:
+        bodies = chat_request_bodies(page)
+        await open_chat(page, SimpleNamespace(url=cluster.url), max_tokens=8, path="/chat")
+        await ask(page, "Hello there")
+        stats = await wait_finished(page)
+        await ask(page, "And again")
+        await wait_finished(page, 2)
+    assert "finish: length" in stats and await last_answer(page)
+    assert len(bodies) == 2 and bodies[1]["messages"][-1] == {"role": "user", "content": "And again"}

@@ -1,6 +1,6 @@
 """Replicas behind vllm-router, as `make cluster` runs them: each replica and the router a real
 process on loopback (deploy/cluster.py), the model a tiny random-weight one so that CI runs it.
-bench/cluster.py runs the same scenarios at full size on the default model."""
+bench/scale_out.py runs the same scenarios at full size on the default model."""
 
 from __future__ import annotations
 
@@ -180,6 +180,31 @@ async def test_consistent_hash_keeps_a_session_on_one_replica(shared, http, tmp_
     finally:
         hashing.signal(signal.SIGTERM)
         hashing.wait(10)
+
+
+async def test_power_of_two_keeps_new_requests_off_a_replica_busy_with_other_clients(shared, http, tmp_path):
+    port, metrics = _free_ports(2)
+    p2 = router("power_of_two", port, [r.url for r in shared.replicas], metrics, tmp_path / "router.log")
+    start_router(p2, port)
+    try:
+        # Clients that talk to replica 0 directly: the router sees their load only in GET /get_load.
+        busy = shared.replicas[0]
+        started = [asyncio.Event() for _ in range(3)]
+        direct = [asyncio.create_task(stream(http, busy.url, {**LONG, "max_tokens": 4000}, e)) for e in started]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 30)
+        await asyncio.sleep(2.5)  # the router polls each replica's load every second
+        before = await served(http, shared)
+        for _ in range(9):  # each compares two replicas, and the busy one always loses
+            assert (await complete(http, f"http://127.0.0.1:{port}"))[0] == 200
+        after = await served(http, shared)
+        async with http.get(busy.url + "/get_load") as resp:
+            assert (await resp.json())["load"] == 3  # busy the whole time
+        assert after[0] == before[0] and sum(after) - sum(before) == 9
+        for task in direct:
+            task.cancel()
+    finally:
+        p2.signal(signal.SIGTERM)
+        p2.wait(10)
 
 
 async def test_a_client_that_leaves_the_router_frees_the_replicas_kv(shared, http):

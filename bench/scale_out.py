@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Replicas behind vllm-router on this machine (deploy/cluster.py), at full size on the default model.
 
-    python bench/cluster.py fault      # kill -9 one of 3 replicas under 32 streams, restart it
-    python bench/cluster.py drain      # SIGTERM one of 3 replicas under 32 streams
-    python bench/cluster.py affinity   # 16 sessions x 6 turns: cache_aware against round_robin
-    python bench/cluster.py scaling    # 1 replica against N replicas sharing the cores
+    python bench/scale_out.py fault      # kill -9 one of 3 replicas under 32 streams, restart it
+    python bench/scale_out.py drain      # SIGTERM one of 3 replicas under 32 streams
+    python bench/scale_out.py affinity   # 16 sessions x 6 turns: cache_aware against round_robin
+    python bench/scale_out.py scaling    # 1 replica against N replicas sharing the cores
 
 Every scenario starts its own replicas and router on loopback ports and stops them after.
 Figures go to stdout and, with --json, to a file (README "Scaling out" quotes them).
