@@ -185,6 +185,8 @@ def build_state(config: Config) -> ServingState:
         detok_tokenizer,
         model_thread,
         max_buffered_tokens=ec.max_buffered_tokens,
+        # The HTTP layer's own bound (serving.py), held by the engine too for anyone calling generate().
+        max_sequences=ec.max_num_seqs + config.server.max_waiting_requests,
     )
     name = config.server.served_model_name or path.name
     defaults = generation_defaults(path) if mc.generation_config == "auto" else {}
@@ -238,7 +240,8 @@ def _build_encoder_state(config: Config, path: Path, threads: int) -> ServingSta
     hf_tokenizer = AutoTokenizer.from_pretrained(path)
     engine = EngineLoop(Scheduler(blocks, seqs, budget, max_len, (), whole_prompts=True),
                         EncoderRunner(encoder), tokenizers.Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str()),
-                        model_thread, max_buffered_tokens=ec.max_buffered_tokens)
+                        model_thread, max_buffered_tokens=ec.max_buffered_tokens,
+                        max_sequences=seqs + config.server.max_waiting_requests)
     log.info("embedding model %s on %s, %s: %s pooling%s, %d dimensions, inputs up to %d tokens", path, device,
              str(dtype).removeprefix("torch."), encoder.pooling, ", normalized" if encoder.normalize else "",
              encoder.dimensions, max_len)

@@ -834,13 +834,25 @@ async def test_served_model_name_with_a_slash(tiny_llama_dir, client):
 
 
 async def test_health_reports_ok_and_engine_counters(server, client):
-    stats = await health(client, server)
-    assert stats["status"] == "ok"
-    assert (stats["kv_blocks_total"], stats["kv_block_size"]) == (512, 16)
-    for key in ("running", "waiting", "kv_blocks_free", "kv_blocks_cached", "prefix_cache_queries",
-                "prefix_cache_hits", "preemptions", "steps"):
-        assert isinstance(stats[key], int) and stats[key] >= 0
-    assert 0 <= stats["prefix_cache_hit_rate"] <= 1
+    await wait_until_idle(client, server)
+    before = await health(client, server)
+    assert before["status"] == "ok" and (before["kv_blocks_total"], before["kv_block_size"]) == (512, 16)
+    messages = [{"role": "user", "content": "Counting the counters: " + "abc " * 5}]  # new to the cache
+    first = await chat(client, server, messages=messages, max_tokens=5, temperature=0, ignore_eos=True)
+    await wait_until_idle(client, server)
+    middle = await health(client, server)
+    second = await chat(client, server, messages=messages, max_tokens=5, temperature=0, ignore_eos=True)
+    await wait_until_idle(client, server)
+    after = await health(client, server)
+    prompt = first["usage"]["prompt_tokens"]
+    assert (middle["running"], middle["waiting"], middle["kv_blocks_free"]) == (0, 0, 512)
+    assert middle["steps"] - before["steps"] == 5  # one prefill that samples, four decodes
+    assert middle["prefix_cache_queries"] - before["prefix_cache_queries"] == prompt
+    assert middle["prefix_cache_hits"] == before["prefix_cache_hits"]
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 0 and cached == (prompt - 1) // 16 * 16 and after["prefix_cache_hits"] - middle["prefix_cache_hits"] == cached
+    assert after["kv_blocks_cached"] >= prompt // 16
+    assert after["prefix_cache_hit_rate"] == round(after["prefix_cache_hits"] / after["prefix_cache_queries"], 4)
 
 
 # ---------------------------------------------------------------------------- disconnects, load

@@ -97,9 +97,11 @@ def test_sentencepiece_single_token_decode_loses_spaces(sp):
 def test_sentencepiece_stream_keeps_spaces_between_words(sp):
     prompt, gen = chat_reply(sp, ENGLISH)
     pieces = stream(IncrementalDetokenizer(sp, prompt), gen)
-    assert pieces == [
-        "He", "llo", " world", ",", " the", " capital", " of", " Fr", "ance", " is", " Par", "is.",
-    ]
+    # Invariants, not the pieces themselves (those follow merges learned at test time): after each
+    # token the stream so far is exactly the decode of the tokens so far, spaces included.
+    assert len(pieces) == len(gen) > len(ENGLISH.split())
+    assert ["".join(pieces[: k + 1]) for k in range(len(gen))] == [sp.decode(gen[: k + 1]) for k in range(len(gen))]
+    assert "".join(pieces) == ENGLISH
 
 
 @pytest.mark.parametrize("step", [1, 2, 5])

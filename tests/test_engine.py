@@ -8,17 +8,17 @@ import torch
 
 from aserve.config import load_config
 from aserve.engine.engine_loop import EngineError, EngineLoop, GenerationRequest
-from aserve.engine.sequence import SamplingParams
+from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from aserve.launch import build_state
 
 PROMPTS = [[5, 6, 7], list(range(20, 61)), [9] * 12, list(range(100, 117))]
 
 
 @asynccontextmanager
-async def running_engine(model_dir, max_model_len: int = 256, **engine):
+async def running_engine(model_dir, max_model_len: int = 256, server: dict | None = None, **engine):
     # float32: dtype auto differs by CPU (see test_api.serve)
     config = load_config(None, {"model": {"path": str(model_dir), "max_model_len": max_model_len, "dtype": "float32"},
-                                "engine": {"seed": 0, **engine}})
+                                "engine": {"seed": 0, **engine}, "server": server or {}})
     state = build_state(config)
     task = asyncio.create_task(state.engine.run())
     try:
@@ -187,7 +187,7 @@ async def test_a_nan_or_out_of_memory_in_one_request_fails_only_that_request(tin
         assert isinstance(results[1], EngineError) and message in str(results[1])
         assert engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"]
         engine.runner.fault_hook = None
-        assert await collect(engine, "after", PROMPTS[2], max_tokens=3)
+        assert (await collect(engine, "after", PROMPTS[2], max_tokens=3))[1:] == ("length", 3)
 
 
 async def test_stop_string_ends_the_request_in_the_engine(tiny_llama_dir):
@@ -218,20 +218,148 @@ def test_bad_settings_are_refused_before_any_model_is_fetched(tmp_path, setting,
         build_state(load_config(None, overrides))
 
 
-async def test_open_streams_end_with_an_error_if_the_loop_itself_dies(tiny_llama_dir):
+async def test_a_scheduling_fault_ends_the_requests_in_flight_and_the_loop_steps_on(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir) as engine:
+        expected = await collect(engine, "ref", PROMPTS[0])
+        tasks = [asyncio.create_task(collect(engine, f"r{i}", p, max_tokens=500)) for i, p in enumerate(PROMPTS[:2])]
+        await wait_until(lambda: engine.stats()["running"] == 2)
+        real, calls = engine.scheduler.schedule, []
+
+        def schedule_failing_once():
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("scheduler bug")
+            return real()
+
+        engine.scheduler.schedule = schedule_failing_once
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, EngineError) and "scheduler bug" in str(r) for r in results), results
+        assert engine.healthy and engine.faults == {"step": 1} and "scheduler bug" in engine.last_fault
+        assert engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"]
+        assert await collect(engine, "after", PROMPTS[0]) == expected
+
+
+async def test_open_streams_end_with_an_error_if_the_loop_cannot_recover(tiny_llama_dir):
     async with running_engine(tiny_llama_dir) as engine:
         task = asyncio.create_task(collect(engine, "victim", PROMPTS[0], max_tokens=500))
         await wait_until(lambda: engine.stats()["running"] == 1)
 
-        def broken_schedule():
+        def broken(*args):
             raise RuntimeError("scheduler bug")
 
-        engine.scheduler.schedule = broken_schedule
+        # Scheduling fails, and so does taking the requests out: the scheduler's state is broken.
+        engine.scheduler.schedule = broken
+        engine.scheduler.remove = broken
         with pytest.raises(EngineError, match="stopped unexpectedly"):
             await asyncio.wait_for(task, timeout=5)
         assert not engine.healthy
         with pytest.raises(EngineError, match="not running"):
             await collect(engine, "late", PROMPTS[0])
+
+
+def _failing_for(request_id: str, fn):
+    """`fn` wrapped to raise when its first argument is (or belongs to) `request_id`'s sequence."""
+
+    def wrapped(first, *args):
+        seq = getattr(first, "seq", first)
+        if getattr(seq, "request_id", None) == request_id:
+            raise RuntimeError(f"injected fault in {fn.__name__}")
+        return fn(first, *args)
+
+    return wrapped
+
+
+@pytest.mark.parametrize(("stage", "patch"), [
+    ("admit", lambda engine: setattr(engine.scheduler, "add", _failing_for("bad", engine.scheduler.add))),
+    ("postprocess", lambda engine: setattr(engine.scheduler, "postprocess",
+                                           _failing_for("bad", engine.scheduler.postprocess))),
+    ("emit", lambda engine: setattr(engine, "_emit", _failing_for("bad", engine._emit))),
+])
+async def test_a_fault_in_a_stage_of_one_request_fails_only_that_request(tiny_llama_dir, stage, patch):
+    async with running_engine(tiny_llama_dir) as engine:
+        expected = [await collect(engine, f"ref{i}", p) for i, p in enumerate(PROMPTS[:2])]
+        patch(engine)
+        results = await asyncio.gather(
+            collect(engine, "ok0", PROMPTS[0]), collect(engine, "bad", PROMPTS[2]), collect(engine, "ok1", PROMPTS[1]),
+            return_exceptions=True)
+        assert results[0] == expected[0] and results[2] == expected[1]
+        assert isinstance(results[1], EngineError) and "injected fault" in str(results[1])
+        assert engine.faults == {stage: 1}
+        await wait_until(lambda: engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"])
+
+
+class _FailingObserver:
+    def __getattr__(self, name):
+        def fail(*args):
+            raise RuntimeError(f"metrics bug in {name}")
+
+        return fail
+
+
+async def test_an_observer_that_fails_is_counted_and_fails_no_request(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir) as engine:
+        expected = await collect(engine, "ref", PROMPTS[0])
+        engine.observer = _FailingObserver()
+        assert await collect(engine, "observed", PROMPTS[0]) == expected
+        # on_admitted, on_step, on_token each step and on_finished: all counted, none fatal
+        assert engine.faults["observer"] >= 12 and set(engine.faults) == {"observer"}
+
+
+async def test_a_seeded_request_gives_the_same_text_alone_and_in_a_busy_mixed_batch(tiny_llama_dir):
+    seeded = dict(temperature=1.0, top_p=0.9, seed=1234, max_tokens=40)
+    async with running_engine(tiny_llama_dir, enable_prefix_caching=False) as engine:
+        alone = await collect(engine, "alone", PROMPTS[1], **seeded)
+        # A neighbour whose logits turn NaN: the batched step samples (drawing from every
+        # generator) and then fails, and the step is rerun one sequence at a time.
+        engine.runner.fault_hook = _fault_for("poisoned", _nan)
+        target = asyncio.create_task(collect(engine, "seeded", PROMPTS[1], **seeded))
+        others = [asyncio.create_task(collect(engine, f"o{i}", p, temperature=1.0, max_tokens=5 + 7 * i))
+                  for i, p in enumerate((PROMPTS[0], PROMPTS[2], PROMPTS[3]))]
+        await wait_until(lambda: engine.stats()["steps"] >= 8)  # then more join, mid-way
+        late = [asyncio.create_task(collect(engine, "late", PROMPTS[2], temperature=0.7, top_p=0.9, seed=9)),
+                asyncio.create_task(collect(engine, "poisoned", PROMPTS[3], temperature=1.0))]
+        busy = await target
+        results = await asyncio.gather(*others, *late, return_exceptions=True)
+    assert isinstance(results[-1], EngineError) and all(not isinstance(r, Exception) for r in results[:-1])
+    assert busy == alone
+
+
+async def test_the_engine_refuses_sequences_past_its_bound_as_the_http_layer_does(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir, max_num_seqs=1, server={"max_waiting_requests": 1}) as engine:
+        assert engine.max_sequences == 2
+        held = [engine.generate(GenerationRequest(f"r{i}", PROMPTS[0], SamplingParams(max_tokens=400, ignore_eos=True)))
+                for i in range(2)]
+        await asyncio.gather(*(anext(g) for g in held))  # both in the engine, one running, one waiting
+        with pytest.raises(EngineError, match="its limit") as refused:
+            await collect(engine, "third", PROMPTS[0])
+        assert refused.value.code == "server_busy"
+        for g in held:
+            await g.aclose()
+        assert (await collect(engine, "after", PROMPTS[0], max_tokens=2))[1:] == ("length", 2)
+
+
+async def test_only_the_step_loop_may_change_the_scheduler(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir) as engine:
+        outputs = engine.generate(GenerationRequest("r", PROMPTS[0], SamplingParams(max_tokens=400, ignore_eos=True)))
+        await anext(outputs)
+        [seq] = engine.scheduler.running
+        with pytest.raises(RuntimeError, match="only the engine's step loop"):
+            engine.scheduler.remove(seq, SequenceStatus.FINISHED_ABORTED)  # as a handler might
+        assert engine.scheduler.running == [seq]
+        await outputs.aclose()  # the way to end a request from outside: abort, done by the loop
+        await wait_until(lambda: not engine.scheduler.running)
+
+
+async def test_a_token_that_finishes_a_request_is_delivered_to_a_full_buffer(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir, max_buffered_tokens=2) as engine:
+        seq = Sequence("done", list(PROMPTS[0]), SamplingParams(max_tokens=3), status=SequenceStatus.FINISHED_LENGTH,
+                       output_ids=[1, 2, 3])
+        queue = engine._streams["done"] = asyncio.Queue()
+        queue.put_nowait("earlier token")
+        queue.put_nowait("earlier token")
+        engine._emit(seq, 3, None)  # the buffer is full, but this token finishes the request
+        last = queue._queue[-1]
+        assert last.error is None and last.finish_reason == "length"
 
 
 async def test_prefix_cache_reuses_a_finished_requests_tokens_without_changing_the_output(tiny_llama_dir):
@@ -296,4 +424,4 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed(tiny_ll
         with pytest.raises(EngineError, match="did not read its stream"):
             async for _ in outputs:
                 pass
-        assert await collect(engine, "next", PROMPTS[1], max_tokens=3)  # the engine serves on
+        assert (await collect(engine, "next", PROMPTS[1], max_tokens=3))[1:] == ("length", 3)  # it serves on

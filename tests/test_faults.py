@@ -195,6 +195,50 @@ async def test_a_step_that_fails_for_one_request_fails_only_that_request(tiny_ll
         assert value(metrics, "aserve:request_errors_total", code="engine_error") == 2
 
 
+async def test_a_scheduling_fault_fails_the_requests_in_flight_and_health_and_metrics_say_so(tiny_llama_dir, client,
+                                                                                            monkeypatch):
+    async with serve(tiny_llama_dir) as s:
+        slow_engine(s.state, monkeypatch, 0.01)
+        scheduler, real = s.state.engine.scheduler, s.state.engine.scheduler.schedule
+        calls = []
+
+        def failing_once():
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a bug in the scheduler")
+            return real()
+
+        body = {"messages": HELLO, "ignore_eos": True, "max_tokens": 200}
+        async with client.post(s.url + "/v1/chat/completions", json={**body, "stream": True}) as open_stream:
+            await open_stream.content.readuntil(b"\n\n")  # under way
+            monkeypatch.setattr(scheduler, "schedule", failing_once)
+            events = parse_sse(await open_stream.read())
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "engine_error" and "a bug in the scheduler" in error["message"]
+        after = await post(client, s.url, {**body, "max_tokens": 3})  # the loop stepped on
+        assert after.status == 200 and after.body["usage"]["completion_tokens"] == 3
+        async with client.get(s.url + "/health") as resp:
+            health = await resp.json()
+        assert resp.status == 200 and health["engine_faults"] == 1 and "a bug in the scheduler" in health["last_fault"]
+        assert value(await scrape(client, s), "aserve:engine_faults_total", stage="step") == 1
+
+
+async def test_a_grammar_that_fails_fails_only_its_request(tiny_llama_dir, client, monkeypatch):
+    from aserve.engine.guided import Guide
+
+    def broken(self, token):
+        raise RuntimeError("a bug in the grammar")
+
+    async with serve(tiny_llama_dir) as s:
+        monkeypatch.setattr(Guide, "accept", broken)
+        body = {"messages": HELLO, "ignore_eos": True, "max_tokens": 10, "temperature": 0}
+        guided, plain = await asyncio.gather(
+            post(client, s.url, {**body, "response_format": {"type": "json_object"}}), post(client, s.url, body))
+        assert guided.status == 500 and "a bug in the grammar" in guided.body["error"]["message"]
+        assert plain.status == 200 and plain.body["usage"]["completion_tokens"] == 10
+        assert s.state.engine.faults == {"grammar": 1}
+
+
 async def test_when_the_engine_loop_dies_every_client_hears_and_health_turns_503(tiny_llama_dir, client,
                                                                                 monkeypatch):
     async with serve(tiny_llama_dir) as s:
@@ -205,10 +249,12 @@ async def test_when_the_engine_loop_dies_every_client_hears_and_health_turns_503
             await open_stream.content.readuntil(b"\n\n")  # the role chunk: it is running
             waiting = asyncio.create_task(post(client, s.url, body))
 
-            def broken() -> None:
+            def broken(*args) -> None:
                 raise RuntimeError("a bug in the scheduler")
 
+            # Scheduling fails and so does taking the requests out: no recovering from that.
             monkeypatch.setattr(scheduler, "schedule", broken)
+            monkeypatch.setattr(scheduler, "remove", broken)
             events = parse_sse(await open_stream.read())
         assert json.loads(events[-2])["error"]["code"] == "engine_unavailable"
         assert (await waiting).status == 503
@@ -216,3 +262,42 @@ async def test_when_the_engine_loop_dies_every_client_hears_and_health_turns_503
             assert resp.status == 503 and (await resp.json())["status"] == "unavailable"
         refused = await post(client, s.url, body)
         assert refused.status == 503 and refused.body["error"]["code"] == "engine_unavailable"
+
+
+async def test_logprobs_render_while_other_prompts_are_tokenized(tiny_llama_dir, client):
+    # Token text for logprobs is decoded on the event loop while the tokenize thread encodes
+    # (with truncation settings, which mutate a Hugging Face tokenizer): each has its own.
+    async with serve(tiny_llama_dir) as s:
+        ask = {"messages": HELLO, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 5,
+               "ignore_eos": True}
+        want = (await post(client, s.url, ask)).body["choices"][0]["logprobs"]
+        long = "many words here " * 400
+        embed = {"input": [long, long[:999]], "truncate_prompt_tokens": 32}
+        replies = await asyncio.gather(*(post(client, s.url, ask) for _ in range(24)),
+                                       *(post(client, s.url, embed, path="/v1/embeddings") for _ in range(24)))
+    assert [r.status for r in replies] == [200] * 48
+
+    def texts(logprobs: dict) -> list:  # the decoded parts; the values move a little with the batch
+        return [(e["token"], e["bytes"], [t["token"] for t in e["top_logprobs"]]) for e in logprobs["content"]]
+
+    assert all(texts(r.body["choices"][0]["logprobs"]) == texts(want) for r in replies[:24])
+
+
+async def test_token_text_decodes_with_a_tokenizer_of_each_threads_own(tiny_llama_dir):
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from aserve.server.logprobs import TokenText
+
+    shared = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tt = TokenText(shared)
+    used: list = []
+    for _ in range(2):
+        worker = threading.Thread(target=lambda: used.append(tt._tok))
+        worker.start()
+        worker.join()
+    used.append(tt._tok)
+    assert len({id(t) for t in used}) == 3 and all(t is not shared for t in used)
+    assert tt.text(shared.encode("Hello", add_special_tokens=False)[0]) == shared.decode(
+        shared.encode("Hello", add_special_tokens=False)[:1])

@@ -117,12 +117,21 @@ def test_json_schema_without_a_schema_object_raises_value_error(gd):
         gd.compile({"type": "json_schema", "json_schema": {"name": "x", "schema": "[1, 2]"}})
 
 
-def test_unsupported_keyword_is_an_error_only_when_strict(gd):
+def test_unsupported_keyword_is_an_error_only_when_strict(gd, tokenizer):
     schema = {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}
     with pytest.raises(ValueError, match="uniqueItems"):
         gd.compile({"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
-    lenient = gd.compile({"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": False}})
-    assert lenient is not None
+    lenient = gd.guide(gd.compile({"type": "json_schema", "json_schema": {"name": "x", "schema": schema,
+                                                                          "strict": False}}))
+    # Without strict the keyword is ignored, the rest enforced: repeated items pass, a string does not.
+    for t in tokenizer.encode("[1, 1]"):
+        lenient.accept(t)
+    assert lenient.is_terminated and lenient.error is None
+    other = gd.guide(gd.compile({"type": "json_schema", "json_schema": {"name": "x", "schema": schema,
+                                                                        "strict": False}}))
+    for t in tokenizer.encode('["a"]'):
+        other.accept(t)
+    assert other.error is not None
 
 
 def test_apply_masks_leaves_rows_without_a_guide_unchanged(gd, vocab):

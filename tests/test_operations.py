@@ -155,24 +155,28 @@ async def test_a_missing_or_wrong_key_is_401(keyed, client, authorization):
 async def test_the_right_key_is_let_in_and_health_and_metrics_stay_open(keyed, client, scheme):
     auth = {"Authorization": f"{scheme} {KEY}"}
     reply = await post(client, keyed.url, {"messages": HELLO, "max_tokens": 1}, headers=auth)
-    assert reply.status == 200
-    assert (await post(client, keyed.url, None, path="/health", method="GET")).status == 200
-    await scrape(client, keyed)
+    assert reply.status == 200 and reply.body["usage"]["completion_tokens"] == 1
+    health = await post(client, keyed.url, None, path="/health", method="GET")
+    assert health.status == 200 and health.body["status"] == "ok"
+    assert value(await scrape(client, keyed), "aserve:request_success_total") >= 1  # that reply, counted
 
 
 async def test_metrics_can_require_the_key(tiny_llama_dir, client):
     async with serve(tiny_llama_dir, api_key=KEY, metrics_require_api_key=True) as s:
-        assert (await post(client, s.url, None, path="/metrics", method="GET")).status == 401
-        await scrape(client, s, {"Authorization": f"Bearer {KEY}"})
+        refused = await post(client, s.url, None, path="/metrics", method="GET")
+        assert refused.status == 401 and refused.body["error"]["code"] == "invalid_api_key"
+        samples = await scrape(client, s, {"Authorization": f"Bearer {KEY}"})
+        assert value(samples, "aserve:request_errors_total", code="invalid_api_key") == 1  # the refusal itself
 
 
 async def test_the_key_can_come_from_the_environment(tiny_llama_dir, client, monkeypatch):
     monkeypatch.setenv("ASERVE_API_KEY", "from-env")
     async with serve(tiny_llama_dir) as s:
-        assert (await post(client, s.url, {"messages": HELLO, "max_tokens": 1})).status == 401
+        refused = await post(client, s.url, {"messages": HELLO, "max_tokens": 1})
+        assert refused.status == 401 and refused.body["error"]["code"] == "invalid_api_key"
         reply = await post(client, s.url, {"messages": HELLO, "max_tokens": 1},
                            headers={"Authorization": "Bearer from-env"})
-        assert reply.status == 200
+        assert reply.status == 200 and reply.body["choices"][0]["message"]["role"] == "assistant"
 
 
 # ------------------------------------------------------------------ CORS

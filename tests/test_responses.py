@@ -129,14 +129,15 @@ async def test_text_format_json_schema_forces_json_of_the_schema(server, sdk):
 async def test_an_engine_error_mid_stream_is_response_failed(server):
     runner, steps = server.state.engine.runner, []
 
-    def fail_from_the_third_step(scheduled, logits):
+    def fail_from_the_eighth_step(scheduled, logits):
         steps.append(1)
-        if len(steps) >= 3:
+        if len(steps) >= 8:
             raise RuntimeError("injected")
 
-    runner.fault_hook = fail_from_the_third_step
+    runner.fault_hook = fail_from_the_eighth_step
     try:
-        events = await _events(server, input="Hi", max_output_tokens=5)
+        # Greedy, so the text before the fault is the same whatever ran before this test.
+        events = await _events(server, input="Hi", max_output_tokens=20, temperature=0)
     finally:
         runner.fault_hook = None
     types = [e["type"] for e in events]

@@ -145,12 +145,11 @@ def test_a_finished_grammar_wins_over_min_tokens():
     seq.guide = Done()
     import aserve.engine.guided as guided
 
-    masked = logits.clone()
-    masked[:] = float("-inf")
-    masked[2] = 0.0
+    allowed = torch.zeros(VOCAB, dtype=torch.bool)
+    allowed[2] = True  # the grammar allows only EOS; the rest of the row is what the sampler made it
     original = guided.apply_masks
     try:
-        guided.apply_masks = lambda lg, guides: lg.copy_(masked.expand_as(lg))  # only EOS allowed
+        guided.apply_masks = lambda lg, guides: lg.masked_fill_(~allowed, float("-inf"))
         assert sample(logits.unsqueeze(0), [seq], _gen(), (2,)).tokens.item() == 2
     finally:
         guided.apply_masks = original

@@ -20,8 +20,8 @@ def _seq(rid: str, prompt_len: int = 4, max_tokens: int = 10) -> Sequence:
 
 def _step(s: Scheduler, token: int = 5):
     scheduled = s.schedule()
-    tokens = [token if item.samples else None for item in scheduled]
-    return scheduled, s.postprocess(scheduled, tokens)
+    new = [(item.seq, s.postprocess(item, token if item.samples else None)) for item in scheduled]
+    return scheduled, [(seq, t) for seq, t in new if t is not None]
 
 
 def test_new_request_joins_a_running_batch_at_the_next_step():
@@ -87,7 +87,7 @@ def test_aborted_sequence_is_skipped_by_postprocess():
     s.add(a)
     scheduled = s.schedule()
     s.remove(a, SequenceStatus.FINISHED_ABORTED)  # abort arrives while the step runs
-    assert s.postprocess(scheduled, [5]) == []
+    assert s.postprocess(scheduled[0], 5) is None
     assert a.output_ids == [] and s.blocks.num_free == 64
 
 
@@ -200,10 +200,9 @@ def _run(s: Scheduler, steps: int) -> dict[str, list[int]]:
     """Steps with distinct tokens (100, 101, ... per sequence); returns what each sequence emitted."""
     emitted: dict[str, list[int]] = {}
     for _ in range(steps):
-        scheduled = s.schedule()
-        tokens = [100 + len(i.seq.output_ids) if i.samples else None for i in scheduled]
-        for seq, token in s.postprocess(scheduled, tokens):
-            emitted.setdefault(seq.request_id, []).append(token)
+        for item in s.schedule():
+            if (token := s.postprocess(item, 100 + len(item.seq.output_ids) if item.samples else None)) is not None:
+                emitted.setdefault(item.seq.request_id, []).append(token)
     return emitted
 
 

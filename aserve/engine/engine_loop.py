@@ -4,12 +4,20 @@ Handlers call `generate()`, which puts the request on an asyncio queue and retur
 generator of text deltas. The loop admits queued requests at each step boundary, runs one
 batched forward on a single worker thread (so the event loop keeps serving meanwhile), and
 hands each new token to its request's own queue with put_nowait: it never awaits a client.
+
+No fault kills the loop. A forward that fails is rerun one sequence at a time, and only the
+sequences that fail alone end with an error. A fault in a stage that concerns one sequence
+(admitting it, recording its token, advancing its grammar, handing the token over) ends that
+sequence. An observer (metrics) that fails is counted and ignored. A fault that no single request
+can be blamed for (scheduling) ends every request in flight and the loop steps on. Each is
+counted by stage (`faults`, in /health and /metrics). Only a failure to recover from that
+(the scheduler's own state broken) ends the loop, and every open stream hears it.
 """
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -90,9 +98,10 @@ class EngineObserver(Protocol):
 class EngineLoop:
     def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer: tokenizers.Tokenizer,
                  model_thread: ThreadPoolExecutor | None = None, observer: EngineObserver | None = None,
-                 max_buffered_tokens: int = 0) -> None:
+                 max_buffered_tokens: int = 0, max_sequences: int = 0) -> None:
         """`model_thread`: the one-worker executor that runs every forward; pass the one the
-        model was loaded on (launch.py says why). Default: a new one."""
+        model was loaded on (launch.py says why). Default: a new one. `max_sequences`: sequences
+        the engine holds, running and waiting, before generate() refuses more (0: no bound)."""
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
@@ -104,8 +113,11 @@ class EngineLoop:
         self.model_thread = model_thread or ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-model")
         self.observer = observer
         self.max_buffered_tokens = max_buffered_tokens  # per request, undelivered; 0: no bound
+        self.max_sequences = max_sequences
         self.steps = 0
         self.healthy = True
+        self.faults: dict[str, int] = {}  # stage -> faults the loop survived there
+        self.last_fault: str | None = None
 
     # ---- the API side (event-loop thread, called from handlers) ----
 
@@ -115,6 +127,10 @@ class EngineLoop:
             raise EngineError("the engine is not running")
         if rid in self._streams:
             raise EngineError(f"request id {rid!r} is already running")
+        if self.max_sequences and len(self._streams) >= self.max_sequences:
+            # The HTTP layer refuses first (serving.py); this bound holds for embedded users too.
+            raise EngineError(f"the engine holds {len(self._streams)} sequences, its limit: try again later",
+                              "server_busy")
         queue: asyncio.Queue[_Event] = asyncio.Queue()
         self._streams[rid] = queue
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids, request.params.stop)
@@ -160,8 +176,8 @@ class EngineLoop:
                         finish_reason = event.finish_reason
                         text += detok.finish()
                 done = finish_reason is not None
-                if done and self.observer is not None:
-                    self.observer.on_finished(finish_reason, time.monotonic() - request.arrival_time)
+                if done:
+                    self._observe("on_finished", finish_reason, time.monotonic() - request.arrival_time)
                 if text or done or logprobs:
                     yield RequestOutput(text, finish_reason, prompt_tokens, completion_tokens, cached_tokens,
                                         logprobs, prompt_logprobs, detok.matched_stop if done else None, embedding)
@@ -201,6 +217,7 @@ class EngineLoop:
             "prefix_cache_hit_rate": round(blocks.hits / blocks.queries, 4) if blocks.queries else 0.0,
             "preemptions": self.scheduler.num_preemptions,
             "steps": self.steps,
+            "engine_faults": sum(self.faults.values()),
         }
 
     def lora_requests(self) -> tuple[dict[str, int], dict[str, int]] | None:
@@ -218,43 +235,18 @@ class EngineLoop:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        self.scheduler.owner = asyncio.current_task()  # the single-owner rule, checked by the scheduler
         try:
             while True:
                 if not self.scheduler.has_work():
                     self._admit(await self._incoming.get())
-                while not self._incoming.empty():
-                    self._admit(self._incoming.get_nowait())
-                self._drop_aborted()
-                scheduled = self.scheduler.schedule()
-                if not scheduled:
-                    if self.scheduler.loading_adapters():  # nothing else to run: fill the slots at once
-                        await loop.run_in_executor(self.model_thread, self.runner.load_adapters)
-                    await asyncio.sleep(0)
-                    continue
-                if self.observer is not None:
-                    self._observe_admissions(scheduled)
-                started = time.monotonic()
                 try:
-                    out = await loop.run_in_executor(self.model_thread, self.runner.run, scheduled)
-                except Exception:
-                    log.exception("batched step failed; retrying its %d sequences one by one", len(scheduled))
-                    out = await self._run_isolated(scheduled)
-                self.steps += 1
-                if self.observer is not None:
-                    self.observer.on_step(time.monotonic() - started, len(scheduled))
-                self._drop_aborted()
-                for item, prompt_logprobs in zip(scheduled, out.prompt_logprobs):
-                    if prompt_logprobs and (queue := self._streams.get(item.seq.request_id)) is not None:
-                        queue.put_nowait(_Event(prompt_logprobs=prompt_logprobs))
-                logprobs = {item.seq: lp for item, lp in zip(scheduled, out.logprobs) if lp is not None}
-                for seq, token in self.scheduler.postprocess(scheduled, out.tokens):
-                    self._emit(seq, token, logprobs.get(seq))
-                for item, vector in zip(scheduled, out.embeddings or ()):
-                    if vector is not None and item.seq.status.finished:
-                        self._seqs.pop(item.seq.request_id, None)
-                        if (queue := self._streams.get(item.seq.request_id)) is not None:
-                            queue.put_nowait(_Event(finish_reason="stop", cached_tokens=item.seq.num_cached_prompt,
-                                                    embedding=vector))
+                    await self._step(loop)
+                except Exception as exc:
+                    # Nothing says which request caused it (the scheduler's own decisions): end
+                    # every request in flight, and step on with a clean scheduler.
+                    self._fault("step", exc)
+                    self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
         except asyncio.CancelledError:
             raise
         except BaseException:
@@ -264,10 +256,99 @@ class EngineLoop:
         finally:
             self.model_thread.shutdown(wait=False, cancel_futures=True)
 
+    async def _step(self, loop: asyncio.AbstractEventLoop) -> None:
+        while not self._incoming.empty():
+            self._admit(self._incoming.get_nowait())
+        self._drop_aborted()
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if self.scheduler.loading_adapters():  # nothing else to run: fill the slots at once
+                await loop.run_in_executor(self.model_thread, self.runner.load_adapters)
+            await asyncio.sleep(0)
+            return
+        self._observe_admissions(scheduled)
+        started = time.monotonic()
+        draws = _Draws.save(scheduled, getattr(self.runner, "generator", None))
+        try:
+            out = await loop.run_in_executor(self.model_thread, self.runner.run, scheduled)
+        except Exception:
+            log.exception("batched step failed; retrying its %d sequences one by one", len(scheduled))
+            out = await self._run_isolated(scheduled, draws)
+        self.steps += 1
+        self._observe("on_step", time.monotonic() - started, len(scheduled))
+        self._drop_aborted()
+        for item, prompt_logprobs in zip(scheduled, out.prompt_logprobs):
+            if prompt_logprobs and (queue := self._streams.get(item.seq.request_id)) is not None:
+                queue.put_nowait(_Event(prompt_logprobs=prompt_logprobs))
+        for item, token, logprobs in zip(scheduled, out.tokens, out.logprobs):
+            self._for_one(item.seq, "postprocess", self._record, item, token, logprobs)
+        for item, vector in zip(scheduled, out.embeddings or ()):
+            if vector is not None and item.seq.status.finished:
+                self._seqs.pop(item.seq.request_id, None)
+                if (queue := self._streams.get(item.seq.request_id)) is not None:
+                    queue.put_nowait(_Event(finish_reason="stop", cached_tokens=item.seq.num_cached_prompt,
+                                            embedding=vector))
+
+    def _record(self, item: ScheduledSeq, token: int | None, logprobs: TokenLogprobs | None) -> None:
+        """One sequence's result of the step: its token recorded, its grammar advanced, the
+        token handed to its stream."""
+        seq = item.seq
+        if (token := self.scheduler.postprocess(item, token)) is None:
+            return
+        if seq.guide is not None:
+            self._for_one(seq, "grammar", seq.guide.accept, token)
+            if seq.status == SequenceStatus.FINISHED_ERROR:
+                return
+        self._for_one(seq, "emit", self._emit, seq, token, logprobs)
+
+    def _for_one(self, seq: Sequence, stage: str, fn: Callable[..., None], *args: Any) -> None:
+        """Runs a stage that concerns `seq` alone: a fault there ends `seq` only."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self._fault(stage, exc, seq.request_id)
+            self._fail(seq, f"engine error ({stage}): {type(exc).__name__}: {exc}")
+
+    def _observe(self, method: str, *args: Any) -> None:
+        """Reports to the observer; metrics that fail are counted, never a request's problem."""
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, method)(*args)
+        except Exception as exc:
+            self._fault("observer", exc)
+
+    def _fault(self, stage: str, exc: Exception, request_id: str | None = None) -> None:
+        count = self.faults[stage] = self.faults.get(stage, 0) + 1
+        self.last_fault = f"{stage}: {type(exc).__name__}: {exc}"
+        who = f" (request {request_id})" if request_id else ""
+        if count == 1:  # the first of a kind with its traceback; a fault that repeats each step, counted
+            log.error("engine fault in %s%s; the loop goes on", stage, who, exc_info=exc)
+        else:
+            log.debug("engine fault in %s%s: %s", stage, who, exc)
+
+    def _fail_all(self, message: str) -> None:
+        """Ends every admitted request with an error and empties the scheduler. If that fails
+        too, or leaves anything behind, the scheduler's state is broken: the loop ends (run)."""
+        for seq in list(self._seqs.values()):
+            self._fail(seq, message)
+        if self.scheduler.has_work():
+            raise RuntimeError("the scheduler kept sequences after every request was failed")
+
     def _admit(self, request: GenerationRequest) -> None:
         rid = request.request_id
         if (queue := self._streams.get(rid)) is None:
             return
+        try:
+            self._add(request, queue)
+        except Exception as exc:  # this request's fields or state: it alone fails
+            self._fault("admit", exc, rid)
+            if (seq := self._seqs.pop(rid, None)) is not None:
+                self.scheduler.remove(seq, SequenceStatus.FINISHED_ERROR)
+            queue.put_nowait(_Event(error=f"engine error (admit): {type(exc).__name__}: {exc}"))
+
+    def _add(self, request: GenerationRequest, queue: "asyncio.Queue[_Event]") -> None:
+        rid = request.request_id
         generator = None
         if request.params.seed is not None:
             try:
@@ -287,7 +368,7 @@ class EngineLoop:
             seq = item.seq
             if seq.admitted_time is None:
                 seq.admitted_time = now
-                self.observer.on_admitted(now - seq.arrival_time, len(seq.prompt_ids) - seq.num_cached_prompt)
+                self._observe("on_admitted", now - seq.arrival_time, len(seq.prompt_ids) - seq.num_cached_prompt)
 
     def _drop_aborted(self) -> None:
         for rid in self._aborted:
@@ -295,12 +376,16 @@ class EngineLoop:
                 self.scheduler.remove(seq, SequenceStatus.FINISHED_ABORTED)
         self._aborted.clear()
 
-    async def _run_isolated(self, scheduled: list[ScheduledSeq]) -> StepOutput:
+    async def _run_isolated(self, scheduled: list[ScheduledSeq], draws: "_Draws") -> StepOutput:
         """After a batched step failed, find the sequences that cause it: each runs alone,
-        and only the ones that fail alone are ended with an error."""
+        and only the ones that fail alone are ended with an error. Random draws start again
+        from where the failed step found them, so a seeded request's text does not depend on
+        whether a neighbour failed."""
         loop = asyncio.get_running_loop()
         out = StepOutput([], [], [])
+        draws.restore_shared()
         for item in scheduled:
+            draws.restore(item.seq)
             try:
                 out += await loop.run_in_executor(self.model_thread, self.runner.run, [item])
             except Exception as exc:
@@ -317,15 +402,16 @@ class EngineLoop:
 
     def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         finish_reason = seq.finish_reason
-        if self.observer is not None:
-            now = time.monotonic()
-            first = seq.last_token_time is None
-            self.observer.on_token(first, now - (seq.arrival_time if first else seq.last_token_time))
-            seq.last_token_time = now
+        now = time.monotonic()
+        first = seq.last_token_time is None
+        self._observe("on_token", first, now - (seq.arrival_time if first else seq.last_token_time))
+        seq.last_token_time = now
         if seq.status.finished:
             self._seqs.pop(seq.request_id, None)
         if (queue := self._streams.get(seq.request_id)) is not None:
-            if self.max_buffered_tokens and queue.qsize() >= self.max_buffered_tokens:
+            # A token that finishes its request is always delivered: the request holds nothing
+            # more, and a slow client that read everything else gets its whole answer.
+            if self.max_buffered_tokens and queue.qsize() >= self.max_buffered_tokens and not seq.status.finished:
                 # Its client stopped reading (a stalled or very slow connection): never wait for
                 # it, and never let it hold KV blocks and memory without bound.
                 self._fail(seq, f"the client did not read its stream: {queue.qsize()} tokens were waiting",
@@ -334,3 +420,26 @@ class EngineLoop:
             is_text = not (finish_reason == "stop" and self.scheduler.ends(seq, token))
             queue.put_nowait(_Event(token, is_text, finish_reason, cached_tokens=seq.num_cached_prompt,
                                     logprobs=logprobs))
+
+
+@dataclass(slots=True)
+class _Draws:
+    """The random generators' states before a step: the shared one and each seeded sequence's."""
+
+    shared: torch.Generator | None
+    shared_state: torch.Tensor | None
+    seeded: dict[int, torch.Tensor]  # id(sequence) -> its generator's state
+
+    @classmethod
+    def save(cls, scheduled: list[ScheduledSeq], shared: torch.Generator | None) -> "_Draws":
+        seeded = {id(item.seq): item.seq.generator.get_state() for item in scheduled
+                  if item.samples and item.seq.generator is not None}
+        return cls(shared, shared.get_state() if shared is not None else None, seeded)
+
+    def restore_shared(self) -> None:
+        if self.shared is not None:
+            self.shared.set_state(self.shared_state)
+
+    def restore(self, seq: Sequence) -> None:
+        if (state := self.seeded.get(id(seq))) is not None:
+            seq.generator.set_state(state)

@@ -80,9 +80,6 @@ class ModelRunner:
                 k = scheduled[index].seq.params.prompt_logprobs or 0
                 prompt_lps[index] = prompt_logprobs(logits[row : row + len(next_tokens)], next_tokens, k)
                 row += len(next_tokens)
-        for seq, token in zip(sampling, token_list):
-            if seq.guide is not None:
-                seq.guide.accept(token)
         tokens, logprobs = iter(token_list), iter(logprob_list)
         vectors = iter(pooled if pooled is not None else ())
         return StepOutput([next(tokens) if s.samples else None for s in scheduled],

@@ -18,6 +18,7 @@ up. Its full blocks stay named in the prefix cache, so the recompute is often a 
 Nothing it already streamed is sent again or changed: the recompute only yields the next token.
 """
 
+import asyncio
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -73,8 +74,10 @@ class Scheduler:
         self.watermark = blocks.num_blocks // 100
         self.loras = loras
         self.whole_prompts = whole_prompts  # encoders: never a partial chunk (engine/encoder_runner.py)
+        self.owner: asyncio.Task | None = None  # the step loop's task, once it runs (EngineLoop.run)
 
     def add(self, seq: Sequence) -> None:
+        self._owned()
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -82,6 +85,7 @@ class Scheduler:
 
     def remove(self, seq: Sequence, status: SequenceStatus) -> None:
         """Takes a sequence out (finished, aborted or failed) and frees its blocks at once."""
+        self._owned()
         seq.status = status
         if seq in self.waiting:
             self.waiting.remove(seq)
@@ -91,6 +95,7 @@ class Scheduler:
             self._release_lora(seq)
 
     def schedule(self) -> list[ScheduledSeq]:
+        self._owned()
         decodes = []
         for seq in list(self.running):
             if seq.status == SequenceStatus.RUNNING and not seq.in_prefill and self._lora_ready(seq) and self._grow(seq):
@@ -196,27 +201,38 @@ class Scheduler:
         """Whether `token` ends `seq` as a stop (EOS unless ignored, or one of its stop_token_ids)."""
         return (token in self.eos_token_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids
 
-    def postprocess(self, scheduled: list[ScheduledSeq], tokens: list[int | None]) -> list[tuple[Sequence, int]]:
-        """Records the step's results; returns (sequence, new token) pairs. Finished sequences
-        leave the batch here, so their blocks are free for the very next step."""
-        new_tokens = []
-        for item, token in zip(scheduled, tokens):
-            seq = item.seq
-            if seq.status.finished:  # aborted while the step ran
-                continue
-            pooled = item.pools  # read before num_computed moves
-            seq.num_computed += item.num_tokens
-            seq.max_computed = max(seq.max_computed, seq.num_computed)
-            self.blocks.on_computed(seq)
-            if pooled:
-                self.remove(seq, SequenceStatus.FINISHED_STOPPED)
-                continue
-            if token is None:
-                continue
-            seq.output_ids.append(token)
-            new_tokens.append((seq, token))
-            if self.ends(seq, token):
-                self.remove(seq, SequenceStatus.FINISHED_STOPPED)
-            elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
-                self.remove(seq, SequenceStatus.FINISHED_LENGTH)
-        return new_tokens
+    def postprocess(self, item: ScheduledSeq, token: int | None) -> int | None:
+        """Records one sequence's result of the step; returns its new token, if it has one. A
+        sequence that finished leaves the batch here, so its blocks are free for the very next step."""
+        self._owned()
+        seq = item.seq
+        if seq.status.finished:  # aborted while the step ran
+            return None
+        pooled = item.pools  # read before num_computed moves
+        seq.num_computed += item.num_tokens
+        seq.max_computed = max(seq.max_computed, seq.num_computed)
+        self.blocks.on_computed(seq)
+        if pooled:
+            self.remove(seq, SequenceStatus.FINISHED_STOPPED)
+            return None
+        if token is None:
+            return None
+        seq.output_ids.append(token)
+        if self.ends(seq, token):
+            self.remove(seq, SequenceStatus.FINISHED_STOPPED)
+        elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.remove(seq, SequenceStatus.FINISHED_LENGTH)
+        return token
+
+    def _owned(self) -> None:
+        """The single-owner rule: once the step loop runs, only its coroutine changes the
+        scheduler (and through it the block manager and the KV copies it queues for the next
+        forward). A handler calling in would race them between forwards, so it fails here."""
+        if self.owner is not None:
+            try:
+                current = asyncio.current_task()
+            except RuntimeError:  # not on the event loop at all (another thread)
+                current = None
+            if current is not self.owner:
+                raise RuntimeError("only the engine's step loop may change the scheduler; "
+                                   "use EngineLoop.generate() and abort()")

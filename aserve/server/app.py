@@ -46,7 +46,8 @@ async def health(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
     alive = state.engine_alive()
     status = "unavailable" if not alive else "draining" if state.draining else "ok"
-    return json_response({"status": status, **state.engine.stats()}, status=200 if status == "ok" else 503)
+    fault = {"last_fault": state.engine.last_fault} if state.engine.last_fault else {}
+    return json_response({"status": status, **state.engine.stats(), **fault}, status=200 if status == "ok" else 503)
 
 
 async def live(request: web.Request) -> web.Response:
@@ -82,7 +83,7 @@ async def metrics(request: web.Request) -> web.Response:
     state = request.app[ServingState.KEY]
     lora = state.engine.lora_requests()
     body = state.metrics.render(state.engine.stats(), lora,
-                                state.engine.scheduler.loras.max_loras if lora is not None else 0)
+                                state.engine.scheduler.loras.max_loras if lora is not None else 0, state.engine.faults)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

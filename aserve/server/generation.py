@@ -159,7 +159,8 @@ class RequestTimeout(Exception):
     """The request ran past request_timeout_seconds; its sequences are aborted."""
 
 
-_ENGINE_ERROR_STATUS = {"shutting_down": 503, "engine_unavailable": 503, "invalid_seed": 400, "client_too_slow": 408}
+_ENGINE_ERROR_STATUS = {"shutting_down": 503, "engine_unavailable": 503, "server_busy": 503, "invalid_seed": 400,
+                        "client_too_slow": 408}
 
 
 def api_error(exc: EngineError | RequestTimeout) -> APIError:

@@ -1,8 +1,10 @@
 """Logprobs in OpenAI's two shapes: chat's (token, logprob, bytes, top_logprobs) and the
 legacy completions one (tokens, token_logprobs, top_logprobs, text_offset)."""
 
+import copy
 import functools
 import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,12 +26,27 @@ _BYTE_LEVEL = _byte_level_alphabet()
 
 class TokenText:
     """A token's text and bytes, cached per id. A token that is part of a UTF-8 character
-    decodes to U+FFFD alone; its bytes then come from the vocabulary entry itself."""
+    decodes to U+FFFD alone; its bytes then come from the vocabulary entry itself.
+
+    Each thread decodes with a tokenizer of its own: a Hugging Face tokenizer is one Rust object
+    that the tokenize thread mutates while it encodes (truncation settings), and another thread
+    using it at that moment fails ("Already borrowed"). The copies are made from a private one,
+    taken before any thread runs, that nothing else touches."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self._tok = tokenizer
+        self._pristine = copy.deepcopy(tokenizer)
+        self._copying = threading.Lock()
+        self._local = threading.local()
         self.text = functools.lru_cache(maxsize=65536)(self._text)
         self.bytes = functools.lru_cache(maxsize=65536)(self._bytes)
+
+    @property
+    def _tok(self) -> Any:
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            with self._copying:
+                tok = self._local.tokenizer = copy.deepcopy(self._pristine)
+        return tok
 
     def _text(self, token: int) -> str:
         return self._tok.decode([token])

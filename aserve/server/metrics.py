@@ -35,6 +35,8 @@ class Metrics:
                                       **labels)
         self.prefix_hits = Counter("aserve:prefix_cache_hits", "Prompt tokens found in the prefix cache", **labels)
         self.preemptions = Counter("aserve:num_preemptions", "Sequences preempted for want of KV blocks", **labels)
+        self.faults = Counter("aserve:engine_faults", "Faults the step loop survived, by stage (engine_loop.py)",
+                              labelnames=["model_name", "stage"], registry=self.registry)
         self._engine_counts: dict[str, int] = {}
         # LoRA: ours per adapter, and vLLM's info gauge in the form the Gateway API Inference
         # Extension reads (adapter names comma-joined in labels, the value a timestamp).
@@ -97,7 +99,7 @@ class Metrics:
         self.errors.labels(self._model, error_type, str(status), code or "").inc()
 
     def render(self, stats: dict[str, int], lora: tuple[dict[str, int], dict[str, int]] | None = None,
-               max_loras: int = 0) -> bytes:
+               max_loras: int = 0, faults: dict[str, int] | None = None) -> bytes:
         self.running.labels(self._model).set(stats["running"])
         self.waiting.labels(self._model).set(stats["waiting"])
         total = stats["kv_blocks_total"]
@@ -108,6 +110,10 @@ class Metrics:
                              (self.preemptions, "preemptions")):
             counter.labels(self._model).inc(max(stats[key] - self._engine_counts.get(key, 0), 0))
             self._engine_counts[key] = stats[key]
+        for stage, count in (faults or {}).items():
+            key = f"fault:{stage}"
+            self.faults.labels(self._model, stage).inc(max(count - self._engine_counts.get(key, 0), 0))
+            self._engine_counts[key] = count
         if lora is not None:
             running, waiting = lora
             for gauge, table in ((self.lora_running, running), (self.lora_waiting, waiting)):
