@@ -46,8 +46,8 @@ def model_dir(request):
     return request.getfixturevalue(request.param)
 
 
-def _runner(path, block_size: int = 4, **load_options) -> ModelRunner:
-    loaded = load_model(path, "cpu", "float32", 128, **load_options)
+def _runner(path, block_size: int = 4, max_model_len: int = 128, **load_options) -> ModelRunner:
+    loaded = load_model(path, "cpu", "float32", max_model_len, **load_options)
     kv = KVCache.allocate(loaded.args, 128 * KVCache.bytes_per_block(loaded.args, block_size, loaded.dtype), block_size,
                           loaded.dtype, loaded.device)
     return ModelRunner(loaded.model, kv, BlockManager(kv.num_blocks, block_size), loaded.device, seed=0)
@@ -145,3 +145,66 @@ def test_fp16_quantization_replaces_every_linear_and_keeps_logits_close(model_di
 def test_unusable_quantization_is_refused_with_the_reason(tiny_llama_dir, mode, dtype, message):
     with pytest.raises(ValueError, match=message):
         load_model(tiny_llama_dir, "cpu", dtype, 128, quantization=mode)
+
+
+def _with_rope(source, tmp_path, **config_changes):
+    """A copy of a tiny model whose config.json sets RoPE as real model files do."""
+    import json
+    import shutil
+
+    out = tmp_path / "rope-model"
+    shutil.copytree(source, out)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config.update(config_changes)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+ORIGINAL = 32  # the scaled variants' original context: the prompts below run well past it
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_theta": 500000.0},
+    {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": ORIGINAL}},
+    {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                             "original_max_position_embeddings": ORIGINAL}},
+], ids=["theta", "linear", "llama3", "yarn"])
+def test_rope_variants_match_transformers_past_the_original_context(tiny_llama_dir, tmp_path, rope):
+    model = _with_rope(tiny_llama_dir, tmp_path, **rope)
+    runner = _runner(model)
+    prompt = [3 + (i * 7) % 200 for i in range(120)]  # 120 positions: past ORIGINAL, and sure to differ
+    logits = _logits(runner, [ScheduledSeq(_seq("a", prompt), len(prompt))])
+    torch.testing.assert_close(logits[0], _reference(model, prompt)[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_the_default_rope_variant_is_not_what_the_others_compute(tiny_llama_dir, tmp_path):
+    # Guards the test above: the variants change the logits, so serving one as another would show.
+    prompt = [3 + (i * 7) % 200 for i in range(120)]
+    plain = _reference(tiny_llama_dir, prompt)[-1]
+    theta = _reference(_with_rope(tiny_llama_dir, tmp_path, rope_theta=500000.0), prompt)[-1]
+    assert (plain - theta).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(("rope", "message"), [
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                       "original_max_position_embeddings": ORIGINAL}}, "longrope"),
+])
+def test_rope_variants_that_depend_on_the_length_are_refused_at_start(tiny_llama_dir, tmp_path, rope, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        load_model(_with_rope(tiny_llama_dir, tmp_path, rope_theta=10000.0, **rope), "cpu", "float32", 128)
+
+
+def test_a_sliding_window_is_the_context_and_more_is_refused(tiny_qwen2_dir, tmp_path):
+    model = _with_rope(tiny_qwen2_dir, tmp_path, use_sliding_window=True, sliding_window=64, max_window_layers=0)
+    assert load_model(model, "cpu", "float32", 0).max_model_len == 64
+    with pytest.raises(UnsupportedModelError, match="sliding window of 64 tokens"):
+        load_model(model, "cpu", "float32", 128)
+    # Within the window attention is exact: the logits are transformers' own (sliding) ones.
+    runner = _runner(model, max_model_len=64)
+    prompt = [3 + (i * 7) % 200 for i in range(60)]
+    logits = _logits(runner, [ScheduledSeq(_seq("a", prompt), len(prompt))])
+    torch.testing.assert_close(logits[0], _reference(model, prompt)[-1], atol=1e-4, rtol=1e-4)

@@ -52,17 +52,26 @@ def read_hf_config(path: Path):
     return config
 
 
+# RoPE variants whose tables are fixed per position, checked against transformers' logits past
+# the original context (tests/test_model.py). Others (dynamic NTK, longrope) change the table
+# with the sequence's length, which one table computed at start cannot do: refused, not served wrong.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
 def _rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
     params = dict(getattr(config, "rope_parameters", None) or {})
     rope_type = params.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"rope_type {rope_type!r} is not supported (its table depends on the sequence length); aserve serves "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}")
     if rope_type == "default":
-        base = params.get("rope_theta", 10000.0)
+        # transformers puts the file's rope_theta in rope_parameters; 10,000 is Llama's own default.
+        base = params.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
         return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    if rope_type not in ROPE_INIT_FUNCTIONS:
-        raise UnsupportedModelError(f"rope_type {rope_type!r} is not supported")
-    # Scaled RoPE variants (llama3, yarn, linear, ...) are computed by transformers' own tables.
+    # The scaled variants' tables are transformers' own; the attention factor (yarn) scales cos/sin.
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
     return inv_freq, float(scaling)
 
@@ -146,9 +155,16 @@ def load_model(path: Path, device: str, dtype: str, max_model_len: int | None,
     )
     context = args.max_position_embeddings
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    if window:
-        # Attention here is full, so beyond the window we would compute a different model.
-        context = min(context, window)
+    if window and window < context:
+        # Attention here is full. Within the window that is exactly sliding-window attention;
+        # beyond it, it would be another model. So the window is the context, and no more.
+        if max_model_len and max_model_len > window:
+            raise UnsupportedModelError(
+                f"this model attends through a sliding window of {window} tokens, which aserve does not "
+                f"implement: it serves up to {window} tokens of context (max_model_len {max_model_len} asked)")
+        log.info("the model's sliding window of %d tokens is its context here (attention within it is exact)",
+                 window)
+        context = window
     max_len = min(max_model_len or context, context)
     if max_model_len and max_model_len > context:
         log.warning("max_model_len %d exceeds the model's context %d; using %d", max_model_len, context, context)
