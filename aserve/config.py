@@ -19,7 +19,7 @@ class ServerConfig:
     served_model_name: str | None = None  # default: the model directory's name
     max_body_bytes: int = 4 * 1024 * 1024
     shutdown_timeout: float = 5.0
-    tool_parser: str = "hermes"  # how tool calls are read out of the model's text (tool_parsers.py)
+    tool_parser: str = "auto"  # how tool calls are read out of the model's text (tool_parsers.py); auto: by template
     reasoning_parser: str | None = None  # qwen3 | deepseek_r1: <think> text as reasoning (reasoning.py); None: off
     api_key: str | None = None  # every API route requires "Authorization: Bearer KEY"; also $ASERVE_API_KEY
     metrics_require_api_key: bool = False  # false: /metrics is open to scrapers even with an api_key

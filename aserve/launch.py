@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 import torch
@@ -29,7 +30,7 @@ from aserve.models.quantize import QUANTIZATION_MODES
 from aserve.models.store import default_cache_dir, resolve_model
 from aserve.server.serving import EmbeddingSpec, ResponseStore, ServingState
 from aserve.server.reasoning import get_reasoning_parser
-from aserve.server.tool_parsers import get_tool_parser
+from aserve.server.tool_parsers import get_tool_parser, parser_for_template
 
 log = logging.getLogger("aserve")
 # torch's own default (one thread per core), read before any model runner changes the count.
@@ -62,7 +63,8 @@ def _check_settings(config: Config) -> None:
         raise ValueError(f"unknown generation_config {mc.generation_config!r}; choose auto or none")
     if mc.chat_template is not None and not Path(mc.chat_template).is_file():
         raise ValueError(f"chat template file not found: {mc.chat_template}")
-    get_tool_parser(config.server.tool_parser)  # raises for an unknown name
+    if config.server.tool_parser != "auto":
+        get_tool_parser(config.server.tool_parser)  # raises for an unknown name
     get_reasoning_parser(config.server.reasoning_parser)
     lora_modules(config)  # raises for a malformed list
     if mc.max_loras < 1 or mc.max_lora_rank < 1:
@@ -137,6 +139,14 @@ def _load(config: Config, path: Path,
     return loaded, kv, _load_adapters(config, loaded)
 
 
+def _tool_parser_name(name: str, tokenizer: Any) -> str:
+    if name != "auto":
+        return name
+    chosen = parser_for_template(getattr(tokenizer, "chat_template", None))
+    log.info("tool calls read as %s (--tool-parser auto, from the chat template)", chosen)
+    return chosen
+
+
 def build_state(config: Config) -> ServingState:
     # Never contact a model hub at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -194,7 +204,7 @@ def build_state(config: Config) -> ServingState:
         log.info("sampling defaults from generation_config.json: %s", defaults)
     return ServingState(engine, hf_tokenizer, name, loaded.max_model_len,
                         GuidedDecoding(hf_tokenizer, loaded.args.vocab_size, eos), loaded.args.vocab_size, defaults,
-                        tool_parser=get_tool_parser(config.server.tool_parser),
+                        tool_parser=get_tool_parser(_tool_parser_name(config.server.tool_parser, hf_tokenizer)),
                         reasoning_parser=get_reasoning_parser(config.server.reasoning_parser), settings=server_settings(config),
                         responses=ResponseStore(config.server.responses_store_size),
                         embedding=EmbeddingSpec(loaded.args.hidden_size),

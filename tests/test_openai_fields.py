@@ -21,7 +21,7 @@ from test_api import HELLO, Server, chat, parse_sse, post, serve, stream, text_o
 
 from aserve.engine.model_runner import StepOutput
 from aserve.server import protocol
-from aserve.server.chat import forced_calls
+from aserve.server.chat import forced_calls, forced_tool_schema
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -571,6 +571,46 @@ def _required(text: str) -> list[tuple[str, dict]]:
 ])
 def test_required_tool_calls_are_read_as_far_as_the_output_got(text, calls):
     assert _required(text) == calls
+
+
+async def test_required_without_parallel_calls_makes_exactly_one_call(templated_server, client):
+    # No bias towards "]": the array would go on, but the grammar closes it after one call.
+    body = await chat(client, templated_server, messages=HELLO, tools=[WEATHER, CLOCK], tool_choice="required",
+                      parallel_tool_calls=False, max_tokens=200, seed=2)
+    assert body["choices"][0]["finish_reason"] == "tool_calls"
+    assert len(body["choices"][0]["message"]["tool_calls"]) == 1
+    req = protocol.parse_chat_request({"messages": HELLO, "tools": [WEATHER], "tool_choice": "required",
+                                       "parallel_tool_calls": False})
+    assert forced_tool_schema(req)["maxItems"] == 1
+
+
+async def test_a_strict_forced_function_refuses_a_keyword_the_grammar_cannot_enforce(templated_server, client):
+    unique = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"ids": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}}}
+    choice = {"type": "function", "function": {"name": "pick"}}
+    lenient = await post(client, templated_server.url, {"messages": HELLO, "tools": [unique], "tool_choice": choice,
+                                                        "max_tokens": 5})
+    assert lenient.status == 200
+    strict = {"type": "function", "function": {**unique["function"], "strict": True}}
+    refused = await post(client, templated_server.url, {"messages": HELLO, "tools": [strict], "tool_choice": choice,
+                                                        "max_tokens": 5})
+    assert refused.status == 400 and "uniqueItems" in refused.body["error"]["message"]
+
+
+def test_a_template_that_only_mentions_tools_does_not_get_them(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    from aserve.server.chat_prompt import chat_inputs, template_renders_tools
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.chat_template = "{# tools are not supported here #}{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert not template_renders_tools(tok)
+    req = protocol.parse_chat_request({"messages": HELLO, "tools": [WEATHER]})
+    messages, tools = chat_inputs(req, template_renders_tools(tok))
+    assert tools is None and "get_weather" in messages[0]["content"]  # described by aserve's own prompt
+    tok.chat_template = ("{% for t in tools or [] %}{{ t.function.name }}{% endfor %}"
+                         "{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert template_renders_tools(tok)
 
 
 async def test_tool_choice_naming_an_unknown_function_is_400(templated_server, client):

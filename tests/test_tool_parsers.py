@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from aserve.server.tool_parsers import TOOL_PARSERS, ToolCall, get_tool_parser
+from aserve.server.tool_parsers import TOOL_PARSERS, ToolCall, get_tool_parser, parser_for_template
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TIME = '<tool_call>{"name": "get_time", "arguments": {"tz": "Europe/Paris", "24h": true}}</tool_call>'
@@ -157,8 +157,8 @@ def assemble(deltas: list[dict[str, Any]]) -> tuple[str, list[tuple[str, str, st
     return content, [tuple(c) for c in calls]
 
 
-def stream(text: str, size: int) -> tuple[list[dict[str, Any]], list[ToolCall]]:
-    sp = get_tool_parser("hermes").streaming()
+def stream(text: str, size: int, parser: str = "hermes") -> tuple[list[dict[str, Any]], list[ToolCall]]:
+    sp = get_tool_parser(parser).streaming()
     deltas = [d for i in range(0, len(text), size) for d in sp.push(text[i : i + size])]
     deltas += sp.finish()
     return deltas, sp.calls
@@ -207,10 +207,81 @@ def test_qwen_is_an_alias_of_hermes():
 
 
 def test_unknown_parser_name_lists_known_ones():
-    with pytest.raises(ValueError, match="unknown tool parser 'llama3'.*hermes, qwen"):
+    with pytest.raises(ValueError, match="unknown tool parser 'llama3'.*hermes, llama3_json, mistral, qwen"):
         get_tool_parser("llama3")
 
 
 def test_registry_is_immutable():
     with pytest.raises(TypeError):
         TOOL_PARSERS["mine"] = lambda: None  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------------- Llama 3.x and Mistral
+
+LLAMA_CALL = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+MISTRAL_CALLS = '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]'
+
+
+@pytest.mark.parametrize("text", [
+    "<|python_tag|>" + LLAMA_CALL,
+    LLAMA_CALL,  # <|python_tag|> is a special token: skipped special tokens leave the bare JSON
+    "  \n" + LLAMA_CALL + "\n",
+])
+def test_a_llama3_call_is_json_after_the_python_tag_or_the_whole_answer(text):
+    content, calls = get_tool_parser("llama3_json").parse(text)
+    assert content is None and name_args(calls) == [("get_weather", {"city": "Paris"})]
+
+
+def test_llama3_calls_separated_by_semicolons_come_in_order():
+    text = "<|python_tag|>" + LLAMA_CALL + '; {"name": "get_time", "arguments": {"tz": "UTC"}}'
+    assert name_args(get_tool_parser("llama3_json").parse(text)[1]) == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {"tz": "UTC"})]
+
+
+@pytest.mark.parametrize("text", ["The weather is fine.", "{not json at all}", '{"name": "f"} and then text',
+                                  '{"city": "Paris"}'])
+def test_llama3_text_that_is_not_only_calls_stays_content(text):
+    assert get_tool_parser("llama3_json").parse(text) == (text, [])
+
+
+@pytest.mark.parametrize("text", ["[TOOL_CALLS]" + MISTRAL_CALLS, MISTRAL_CALLS, "Let me look. [TOOL_CALLS]" + MISTRAL_CALLS])
+def test_mistral_calls_are_a_json_array_after_its_marker(text):
+    content, calls = get_tool_parser("mistral").parse(text)
+    assert content == ("Let me look." if text.startswith("Let") else None)
+    assert name_args(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert len({c.id for c in calls}) == 2
+
+
+@pytest.mark.parametrize("text", ["[1, 2, 3]", "[TOOL_CALLS] not json", "Plain [text] answer."])
+def test_mistral_output_that_is_not_calls_stays_content(text):
+    assert get_tool_parser("mistral").parse(text) == (text, [])
+
+
+MARKED_OUTPUTS = {
+    "llama3_json": ["<|python_tag|>" + LLAMA_CALL, LLAMA_CALL, "Hello there", "{oops", "Text <|python_tag|>" + LLAMA_CALL,
+                    "Text <|python_ta", "<|python_tag|>" + LLAMA_CALL + "; " + LLAMA_CALL],
+    "mistral": ["[TOOL_CALLS]" + MISTRAL_CALLS, MISTRAL_CALLS, "Sure. [TOOL_CALLS]" + MISTRAL_CALLS, "[TOOL_CALLS] broken",
+                "no calls [TOOL", "  [1, 2]  "],
+}
+
+
+@pytest.mark.parametrize(("parser", "text"), [(p, t) for p, texts in MARKED_OUTPUTS.items() for t in texts])
+def test_marked_json_streaming_every_split_size_matches_parse(parser, text):
+    want_content, want_calls = get_tool_parser(parser).parse(text)
+    for size in range(1, len(text) + 1):
+        deltas, calls = stream(text, size, parser)
+        content, streamed = assemble(deltas)
+        assert content == (want_content or ""), size
+        assert [(n, a) for _, n, a in streamed] == [(c.name, c.arguments) for c in want_calls], size
+        assert [(c.id, c.name, c.arguments) for c in calls] == streamed, size
+
+
+@pytest.mark.parametrize(("template", "parser"), [
+    ("{{ bos_token }}[INST] ... [TOOL_CALLS] {{ tool_calls | tojson }}", "mistral"),
+    ("<|start_header_id|>ipython<|end_header_id|> ... <|python_tag|>", "llama3_json"),
+    ("{% for m in messages %}<|im_start|>{{ m.role }} ... <tool_call>", "hermes"),
+    ("{% for m in messages %}{{ m.content }}{% endfor %}", "hermes"),  # no tools: aserve's own prompt asks for Hermes
+    (None, "hermes"),
+])
+def test_auto_picks_the_format_the_chat_template_teaches(template, parser):
+    assert parser_for_template(template) == parser

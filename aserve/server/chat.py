@@ -58,8 +58,20 @@ def forced_tool_schema(req: protocol.ChatCompletionRequest) -> dict | None:
         calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
                                                    "parameters": t.function.parameters or {"type": "object"}},
                   "required": ["name", "parameters"], "additionalProperties": False} for t in req.tools]
-        return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if req.parallel_tool_calls is False:
+            schema["maxItems"] = 1  # one call, as OpenAI makes it
+        return schema
     return None
+
+
+def forced_tools_strict(req: protocol.ChatCompletionRequest) -> bool:
+    """A forced function marked `strict: true` promises its schema exactly: a keyword the grammar
+    cannot enforce is then a 400, not ignored."""
+    choice = req.tool_choice
+    forced = [t for t in req.tools or () if not isinstance(choice, protocol.NamedToolChoice)
+              or t.function.name == choice.function.name]
+    return any(t.function.strict for t in forced)
 
 
 def forced_calls(req: protocol.ChatCompletionRequest, text: str) -> list[ToolCall]:
@@ -112,7 +124,7 @@ async def prepare(state: ServingState, req: protocol.ChatCompletionRequest,
         raise APIError(f"too many messages: {len(req.messages)}, the limit is {limits.max_messages}", param="messages")
     state.check_prompt_chars(sum(len(m.text(i)) for i, m in enumerate(req.messages)), "messages")
     try:
-        messages, tools = chat_inputs(req, state.tokenizer.chat_template)
+        messages, tools = chat_inputs(req, state.template_tools)
     except RecursionError:  # json.dumps of a tool's parameters schema
         raise APIError("a tool's parameters nest too deeply", param="tools") from None
     prompt_ids = await state.encode_chat(messages, tools, req.add_generation_prompt,
@@ -120,7 +132,8 @@ async def prepare(state: ServingState, req: protocol.ChatCompletionRequest,
                                          continue_final_message=req.continue_final_message)
     schema = forced_tool_schema(req)
     if schema is not None:
-        grammar = await state.compile_grammar({"type": "json_schema", "json_schema": {"name": "tools", "schema": schema}})
+        grammar = await state.compile_grammar({"type": "json_schema", "json_schema": {
+            "name": "tools", "schema": schema, "strict": forced_tools_strict(req)}})
     else:
         grammar = await generation.compile_response_format(state, req.response_format)
     params = generation.sampling_params(req, len(prompt_ids), state,

@@ -1,6 +1,7 @@
 """OpenAI chat messages (and tools) into what the model's chat template renders.
 
-A template that knows tools (it mentions `tools`, as Qwen's and Llama 3's do) gets them
+A template that renders tools (as Qwen's and Llama 3's do: told by rendering it with a probe
+tool and without, once at start; a template that merely mentions the word may not) gets them
 through `apply_chat_template(..., tools=...)`, and histories with tool calls and tool results
 as they are. A template that does not (SmolLM2's, plain ChatML) would silently drop them, so
 the tools are described in the system message in the Hermes format that the Hermes tool
@@ -27,14 +28,27 @@ For each function call, return a json object with function name and arguments wi
 </tool_call>"""
 
 
-def template_knows_tools(template: str | None) -> bool:
-    return bool(template) and "tools" in template
+_PROBE_TOOL = {"type": "function", "function": {"name": "aserve_probe_tool", "description": "probe",
+                                                "parameters": {"type": "object", "properties": {}}}}
 
 
-def chat_inputs(req: ChatCompletionRequest, template: str | None) -> tuple[list[dict[str, Any]], list[dict] | None]:
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template puts the tools it is given into the prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    probe = [{"role": "user", "content": "hi"}]
+    try:
+        with_tools = tokenizer.apply_chat_template(probe, tools=[_PROBE_TOOL], tokenize=False, add_generation_prompt=True)
+        without = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that raises on tools (or at all) cannot be given them
+        return False
+    return "aserve_probe_tool" in with_tools and "aserve_probe_tool" not in without
+
+
+def chat_inputs(req: ChatCompletionRequest, renders_tools: bool) -> tuple[list[dict[str, Any]], list[dict] | None]:
     """(messages, tools) for apply_chat_template; tools is None when the template gets none."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools or ()] if req.tool_choice != "none" else []
-    if template_knows_tools(template):
+    if renders_tools:
         return [_native(m, i) for i, m in enumerate(req.messages)], tools or None
     messages = [_as_text(m, i) for i, m in enumerate(req.messages)]
     if tools:

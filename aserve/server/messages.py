@@ -229,7 +229,7 @@ async def count_tokens(request: web.Request) -> web.Response:
         raise APIError(f"too many messages: {len(chat_req.messages)}, the limit is {state.settings.max_messages}",
                        param="messages")
     try:
-        messages, tools = chat_inputs(chat_req, state.tokenizer.chat_template)
+        messages, tools = chat_inputs(chat_req, state.template_tools)
     except RecursionError:  # json.dumps of a tool's input_schema
         raise APIError("a tool's input_schema nests too deeply", param="tools") from None
     ids = await state.encode_chat(messages, tools, chat_req.add_generation_prompt,

@@ -150,7 +150,7 @@ class ChatCompletionRequest(_GenerationRequest):
     top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # accepted; the model may call several tools either way
+    parallel_tool_calls: bool | None = None  # false: tool_choice "required" makes exactly one call
     # vLLM's: variables for the chat template, such as {"enable_thinking": false} for Qwen3
     chat_template_kwargs: dict[str, Any] | None = None
     # vLLM's: continue the last (assistant) message instead of opening a new turn (a "prefill")

@@ -21,6 +21,7 @@ from aserve.config import ServerConfig
 from aserve.server.logprobs import TokenText
 from aserve.server.metrics import Metrics
 from aserve.server.reasoning import ReasoningParser
+from aserve.server.chat_prompt import template_renders_tools
 from aserve.server.tool_parsers import ToolParser, get_tool_parser
 
 T = TypeVar("T")
@@ -137,9 +138,11 @@ class ServingState:
     generates: bool = True  # False: an embedding (encoder) model, served on /v1/embeddings only
     embedding: EmbeddingSpec | None = None  # None: no embeddings (set for every model launch builds)
     token_text: TokenText = field(init=False)
+    template_tools: bool = field(init=False)  # the chat template renders the tools it is given
 
     def __post_init__(self) -> None:
         self.token_text = TokenText(self.tokenizer)
+        self.template_tools = template_renders_tools(self.tokenizer)
         if self.metrics is None:
             self.metrics = Metrics(self.model_name)
         self.engine.observer = self.metrics

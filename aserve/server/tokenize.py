@@ -17,7 +17,7 @@ async def tokenize(request: web.Request) -> web.Response:
         raise APIError("give either prompt or messages", param="prompt")
     if req.messages is not None:
         chat = protocol.ChatCompletionRequest(messages=req.messages, tools=req.tools)
-        messages, tools = chat_inputs(chat, state.tokenizer.chat_template)
+        messages, tools = chat_inputs(chat, state.template_tools)
         tokens = await state.encode_chat(messages, tools, req.add_generation_prompt, bool(req.add_special_tokens),
                                          req.chat_template_kwargs, req.continue_final_message)
     else:

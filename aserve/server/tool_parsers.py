@@ -1,7 +1,11 @@
 """Tool calls out of a chat model's generated text, as OpenAI `tool_calls`.
 
-One parser per model family, looked up by name (`get_tool_parser`). Today there is one
-format, Hermes / Qwen 2.5+ / Qwen3: each call is a block
+One parser per model family, looked up by name (`get_tool_parser`), or chosen from the chat
+template (`parser_for_template`, what `--tool-parser auto` does). Llama 3.x writes a call as
+JSON, after `<|python_tag|>` or as the whole answer (`llama3_json`); Mistral as a JSON array
+after `[TOOL_CALLS]` (`mistral`); both are read by `MarkedJSONToolParser` below. Hermes /
+Qwen 2.5+ / Qwen3, and aserve's own tool prompt for templates that render no tools, write each
+call as a block
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
@@ -210,33 +214,173 @@ class TaggedJSONStreamingParser:
             raw = self.parser.open_tag + body + (self.parser.close_tag if closed else "")
             self._content(raw, out)
             return
-        call = ToolCall(new_call_id(), *decoded)
-        index = len(self._calls)
-        self._calls.append(call)
-        # OpenAI's shape: the first fragment names the call, later ones append to its arguments
-        head = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
-        out.append({"tool_calls": [head]})
-        out.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
+        _emit_call(ToolCall(new_call_id(), *decoded), self._calls, out)
 
     def _content(self, text: str, out: list[dict[str, Any]]) -> None:
-        send = self._sink.write(text)
-        if not send:  # never an empty delta
-            return
-        if out and "content" in out[-1]:  # one delta for adjacent content (e.g. text, then an invalid block)
-            out[-1]["content"] += send
+        _emit_content(self._sink, text, out)
+
+
+def _emit_call(call: ToolCall, calls: list[ToolCall], out: list[dict[str, Any]]) -> None:
+    index = len(calls)
+    calls.append(call)
+    # OpenAI's shape: the first fragment names the call, later ones append to its arguments
+    head = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+    out.append({"tool_calls": [head]})
+    out.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
+
+
+def _emit_content(sink: _ContentSink, text: str, out: list[dict[str, Any]]) -> None:
+    send = sink.write(text)
+    if not send:  # never an empty delta
+        return
+    if out and "content" in out[-1]:  # one delta for adjacent content (e.g. text, then an invalid block)
+        out[-1]["content"] += send
+    else:
+        out.append({"content": send})
+
+
+def _json_values(body: str, separators: str) -> list[Any] | None:
+    """The JSON values `body` consists of, separated by whitespace and `separators`; None if
+    anything else is in it."""
+    decoder, values, pos = json.JSONDecoder(parse_constant=_reject_constant), [], 0
+    while True:
+        while pos < len(body) and (body[pos].isspace() or body[pos] in separators):
+            pos += 1
+        if pos == len(body):
+            return values
+        try:
+            value, pos = decoder.raw_decode(body, pos)
+        except ValueError:
+            return None
+        values.append(value)
+
+
+@dataclass(frozen=True, slots=True)
+class MarkedJSONToolParser:
+    """Calls written as JSON after a marker: Llama 3.x (`<|python_tag|>` then one or more
+    objects, `;`-separated) and Mistral (`[TOOL_CALLS]` then an array of objects). The marker is
+    a special token, gone when special tokens are skipped: output that *starts* with the JSON
+    (`bare_start`) is read as calls too. Text before a marker is content; what follows it is
+    calls only if all of it is valid calls (else it stays content, verbatim, as with Hermes)."""
+
+    marker: str
+    bare_start: str  # "{" (Llama) or "[" (Mistral)
+    array: bool  # the calls are one JSON array (Mistral), else a sequence of objects (Llama)
+
+    def calls_in(self, body: str) -> list[ToolCall] | None:
+        values = _json_values(body, "" if self.array else ";")
+        if self.array:
+            values = values[0] if values is not None and len(values) == 1 and isinstance(values[0], list) else None
+        if not values:
+            return None
+        decoded = [decode_call(json.dumps(v)) if isinstance(v, dict) else None for v in values]
+        if any(d is None for d in decoded):
+            return None
+        return [ToolCall(new_call_id(), *d) for d in decoded]
+
+    def split(self, text: str) -> tuple[str, str] | None:
+        """(text before, calls' body) where the output holds calls' JSON, else None."""
+        at = text.find(self.marker)
+        if at != -1:
+            return text[:at], text[at + len(self.marker) :]
+        if text.lstrip().startswith(self.bare_start):
+            return "", text
+        return None
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        parts = self.split(text)
+        calls = self.calls_in(parts[1]) if parts is not None else None
+        if not calls:
+            return text.strip(), []
+        return parts[0].strip() or None, calls
+
+    def streaming(self) -> MarkedJSONStreamingParser:
+        return MarkedJSONStreamingParser(self)
+
+
+@dataclass(slots=True)
+class MarkedJSONStreamingParser:
+    """Streams text until the marker (or, at the very start, the bare JSON opening) appears;
+    from there holds everything, and decides at the end whether it was calls."""
+
+    parser: MarkedJSONToolParser
+    _buf: str = ""  # text held: a possible marker prefix, or (holding) the calls' body so far
+    _holding: bool = False
+    _started: bool = False  # non-whitespace seen
+    _done: bool = False
+    _sink: _ContentSink = field(default_factory=_ContentSink)
+    _calls: list[ToolCall] = field(default_factory=list)
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        return list(self._calls)
+
+    def push(self, delta: str) -> list[dict[str, Any]]:
+        if self._done:
+            raise RuntimeError("push() after finish()")
+        out: list[dict[str, Any]] = []
+        self._buf += delta
+        if self._holding:
+            return out
+        marker = self.parser.marker
+        if not self._started:
+            head = self._buf.lstrip()
+            if not head:
+                return out
+            self._started = True
+            if head.startswith(self.parser.bare_start):
+                self._holding = True
+                return out
+        if (at := self._buf.find(marker)) != -1:
+            _emit_content(self._sink, self._buf[:at], out)
+            self._buf, self._holding = self._buf[at:], True
+            return out
+        keep = _held_prefix_len(self._buf, marker)
+        _emit_content(self._sink, self._buf[: len(self._buf) - keep], out)
+        self._buf = self._buf[len(self._buf) - keep :]
+        return out
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self._done:
+            return []
+        self._done = True
+        out: list[dict[str, Any]] = []
+        parts = self.parser.split(self._buf) if self._holding else None
+        calls = self.parser.calls_in(parts[1]) if parts is not None else None
+        if calls:
+            _emit_content(self._sink, parts[0], out)
+            for call in calls:
+                _emit_call(call, self._calls, out)
         else:
-            out.append({"content": send})
+            _emit_content(self._sink, self._buf, out)
+        self._buf = ""
+        return out
 
 
 _HERMES = TaggedJSONToolParser("<tool_call>", "</tool_call>")
+_LLAMA3 = MarkedJSONToolParser("<|python_tag|>", "{", array=False)
+_MISTRAL = MarkedJSONToolParser("[TOOL_CALLS]", "[", array=True)
 
 # name -> factory; the parsers are stateless, so the factories hand out one shared instance
 TOOL_PARSERS: Mapping[str, Callable[[], ToolParser]] = MappingProxyType(
     {
         "hermes": lambda: _HERMES,
         "qwen": lambda: _HERMES,  # Qwen 2.5 / Qwen3 chat templates use the Hermes format
+        "llama3_json": lambda: _LLAMA3,  # vLLM's name
+        "mistral": lambda: _MISTRAL,
     }
 )
+
+
+def parser_for_template(template: str | None) -> str:
+    """The parser for the call format a chat template teaches its model (`--tool-parser auto`).
+    Hermes also covers templates that render no tools: aserve's own tool prompt asks for it."""
+    template = template or ""
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "<|python_tag|>" in template or "ipython" in template:
+        return "llama3_json"
+    return "hermes"
 
 
 def get_tool_parser(name: str) -> ToolParser:
