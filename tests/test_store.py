@@ -216,3 +216,26 @@ def test_default_cache_dir_follows_aserve_cache_dir(monkeypatch: pytest.MonkeyPa
     assert default_cache_dir() == tmp_path
     monkeypatch.delenv("ASERVE_CACHE_DIR")
     assert default_cache_dir() == Path.home() / ".cache" / "aserve"
+
+
+def test_a_users_gguf_is_converted_into_the_same_model_and_tokenizer(tiny_llama_dir, tmp_path, monkeypatch):
+    """No fakes: a GGUF written with the gguf package, converted by transformers as `--model x.gguf` does."""
+    import torch
+    from tiny_models import write_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = write_gguf(tiny_llama_dir, tmp_path / "tiny.gguf")
+    out = resolve_model(str(gguf), tmp_path / "cache", PIP_MUST_NOT_RUN)
+    assert out.name == f"gguf-{hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]}"
+    assert (out / store.GGUF_NAME).read_bytes() == gguf.read_bytes()  # kept beside, for the quantized loader
+    text = "Hello world, the capital of France"
+    want_tok, got_tok = AutoTokenizer.from_pretrained(tiny_llama_dir), AutoTokenizer.from_pretrained(out)
+    ids = want_tok.encode(text)
+    assert got_tok.encode(text) == ids and got_tok.eos_token_id == want_tok.eos_token_id
+    with torch.inference_mode():
+        want = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)(torch.tensor([ids])).logits
+        got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(torch.tensor([ids])).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # Converted once: a second resolve finds it complete.
+    monkeypatch.setattr(store, "_convert", lambda *a: pytest.fail("converted twice"))
+    assert resolve_model(str(gguf), tmp_path / "cache", PIP_MUST_NOT_RUN) == out

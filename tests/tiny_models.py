@@ -205,3 +205,59 @@ def build_tiny_sentence_transformer(out_dir: Path, pooling: str = "mean", normal
         {"word_embedding_dimension": 32, **{key: key == modes[pooling] for key in modes.values()}}))
     (out_dir / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
     return out_dir
+
+
+def write_gguf(hf_dir: Path, out: Path) -> Path:
+    """The tiny Llama in `hf_dir` as llama.cpp's convert_hf_to_gguf.py would write it, in float32:
+    its config as llama.* metadata, its byte-level BPE tokenizer as tokenizer.ggml.*, and q/k rows
+    permuted as llama.cpp stores them."""
+    import json
+
+    from gguf import GGUFWriter, TokenType
+    from safetensors.torch import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    special = {a["content"]: a["id"] for a in tok["added_tokens"]}
+    tokens = {**{i: t for t, i in tok["model"]["vocab"].items()}, **{i: t for t, i in special.items()}}
+    tokens = [tokens[i] for i in range(len(tokens))]
+    writer = GGUFWriter(out, "llama")
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_key_length(cfg["head_dim"])
+    writer.add_value_length(cfg["head_dim"])
+    writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([TokenType.CONTROL if t in special else TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(cfg["bos_token_id"])
+    writer.add_eos_token_id(cfg["eos_token_id"])
+    writer.add_pad_token_id(cfg["pad_token_id"])
+    weights = load_file(hf_dir / "model.safetensors")
+
+    def permute(w: torch.Tensor, heads: int) -> torch.Tensor:  # convert_hf_to_gguf.py, LlamaModel.permute
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"].numpy())
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"].numpy())
+    writer.add_tensor("output.weight", weights["lm_head.weight"].numpy())
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for layer in range(cfg["num_hidden_layers"]):
+        for hf, name in parts.items():
+            w = weights[f"model.layers.{layer}.{hf}.weight"]
+            if name in ("attn_q", "attn_k"):
+                w = permute(w, cfg["num_attention_heads" if name == "attn_q" else "num_key_value_heads"])
+            writer.add_tensor(f"blk.{layer}.{name}.weight", w.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
