@@ -1,5 +1,6 @@
-"""Takes docs/chat.png: a finished two-turn conversation on the chat page, served by
-`aserve serve` with the real default model, in Debian's headless chromium.
+"""Takes docs/chat.png: a finished conversation on the chat page (an answer rendered from
+Markdown, with a code block), served by `aserve serve` with the real default model, in Debian's
+headless chromium.
 
     .venv/bin/python docs/screenshot.py [--out docs/chat.png]
 """
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from playwright.async_api import async_playwright
 
-TURNS = ["What is the capital of France? Answer in one sentence.", "Write a short poem about the sea."]
+TURNS = ["What is the capital of France? Answer in one sentence.",
+         "Write a Python function that adds two numbers, in a code block."]
 
 
 def start_server() -> tuple[subprocess.Popen, str]:
@@ -39,7 +41,7 @@ async def shoot(url: str, out: Path) -> None:
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path="/usr/bin/chromium",
                                           args=["--headless", "--no-sandbox", "--disable-gpu"])
-        page = await browser.new_page(viewport={"width": 900, "height": 760})
+        page = await browser.new_page(viewport={"width": 1000, "height": 1150})
         await page.goto(url + "/")
         await page.wait_for_function("document.querySelector('#model').options.length > 0")
         await page.fill("#system", "You are a concise, friendly assistant.")
@@ -51,7 +53,8 @@ async def shoot(url: str, out: Path) -> None:
             await page.wait_for_function(
                 f"[...document.querySelectorAll('.msg.assistant .stats')].filter(s => s.textContent).length >= {n}",
                 timeout=120_000)
-        await page.screenshot(path=str(out), full_page=True)
+        await page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        await page.screenshot(path=str(out))  # the viewport: sticky parts stay where a reader sees them
         await browser.close()
 
 

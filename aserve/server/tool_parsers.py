@@ -149,8 +149,24 @@ class _ContentSink:
         return body
 
 
+class _StreamedCalls:
+    """What the streaming parsers share: their calls so far, and no push after finish()."""
+
+    __slots__ = ()
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        return list(self._calls)
+
+    def _take(self, delta: str) -> list[dict[str, Any]]:
+        if self._done:
+            raise RuntimeError("push() after finish()")
+        self._buf += delta
+        return []
+
+
 @dataclass(slots=True)
-class TaggedJSONStreamingParser:
+class TaggedJSONStreamingParser(_StreamedCalls):
     """Per-request state for streaming one output through a TaggedJSONToolParser.
 
     Text streams as soon as it cannot be the start of an open tag; a block is held whole
@@ -165,15 +181,8 @@ class TaggedJSONStreamingParser:
     _sink: _ContentSink = field(default_factory=_ContentSink)
     _calls: list[ToolCall] = field(default_factory=list)
 
-    @property
-    def calls(self) -> list[ToolCall]:
-        return list(self._calls)
-
     def push(self, delta: str) -> list[dict[str, Any]]:
-        if self._done:
-            raise RuntimeError("push() after finish()")
-        out: list[dict[str, Any]] = []
-        self._buf += delta
+        out = self._take(delta)
         open_tag, close_tag = self.parser.open_tag, self.parser.close_tag
         while True:
             if self._in_block:
@@ -299,7 +308,7 @@ class MarkedJSONToolParser:
 
 
 @dataclass(slots=True)
-class MarkedJSONStreamingParser:
+class MarkedJSONStreamingParser(_StreamedCalls):
     """Streams text until the marker (or, at the very start, the bare JSON opening) appears;
     from there holds everything, and decides at the end whether it was calls."""
 
@@ -311,15 +320,8 @@ class MarkedJSONStreamingParser:
     _sink: _ContentSink = field(default_factory=_ContentSink)
     _calls: list[ToolCall] = field(default_factory=list)
 
-    @property
-    def calls(self) -> list[ToolCall]:
-        return list(self._calls)
-
     def push(self, delta: str) -> list[dict[str, Any]]:
-        if self._done:
-            raise RuntimeError("push() after finish()")
-        out: list[dict[str, Any]] = []
-        self._buf += delta
+        out = self._take(delta)
         if self._holding:
             return out
         marker = self.parser.marker

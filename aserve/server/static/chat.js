@@ -1,31 +1,167 @@
 // aserve's chat page: streams from this server's /v1/chat/completions with fetch and a
-// ReadableStream SSE parser (EventSource cannot POST). Model text is only ever set through
-// textContent, so nothing the model writes becomes HTML.
+// ReadableStream SSE parser (EventSource cannot POST), renders the answers' Markdown, and keeps
+// the conversations in this browser (localStorage).
+//
+// Safety: Markdown is the only markup the model gets. Raw HTML in its text is rendered as text
+// (marked's html renderer escapes it), images are shown as their alt text, and every rendering
+// goes through DOMPurify, which removes scripts, event handlers, iframes, styles and any link
+// that is not http(s) or mailto. With "Raw text" on, the text is set through textContent only.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const KEY_STORAGE = "aserve-api-key";
+const KEY_STORAGE = "aserve-api-key";        // sessionStorage: the key lasts as long as the tab
+const CHATS_STORAGE = "aserve-chats";        // localStorage: every conversation
+const CURRENT_STORAGE = "aserve-current-chat";
+const SETTINGS_STORAGE = "aserve-settings";
 
-const chat = {
-  history: [],        // the turns sent back each time: {role, content}
-  id: 0,              // bumped by New chat: an answer still arriving belongs to the old chat
-  controller: null,   // the running request's AbortController
+// ---------------------------------------------------------------- Markdown, safely
+
+const escapeHtml = (s) => String(s).replace(/[&<>"']/g,
+  (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+
+marked.use({
+  gfm: true,
+  breaks: true,  // a single newline is a line break, as chat models mean it
+  renderer: {
+    html(token) { return escapeHtml(token.text); },                 // raw HTML stays text
+    image(token) { return escapeHtml(token.text || token.href || ""); },  // no remote images
+  },
+});
+
+const PURIFY = {
+  FORBID_TAGS: ["img", "iframe", "frame", "object", "embed", "script", "style", "form", "input", "button",
+    "textarea", "select", "svg", "math", "video", "audio", "source", "link", "meta", "base"],
+  FORBID_ATTR: ["style", "srcset"],
+  ALLOWED_URI_REGEXP: /^(?:https?:|mailto:|#)/i,
+};
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A") {
+    node.setAttribute("target", "_blank");
+    node.setAttribute("rel", "noopener noreferrer");
+  }
+});
+
+function copyText(text, button) {
+  const done = () => { button.textContent = "Copied"; setTimeout(() => { button.textContent = "Copy"; }, 1200); };
+  if (navigator.clipboard) navigator.clipboard.writeText(text).then(done, () => {});
+}
+
+function decorateCode(pre) {
+  const code = pre.querySelector("code");
+  const lang = code ? [...code.classList].find((c) => c.startsWith("language-")) : null;
+  const wrap = document.createElement("div");
+  wrap.className = "code";
+  const bar = document.createElement("div");
+  bar.className = "code-bar";
+  const label = document.createElement("span");
+  label.className = "lang";
+  label.textContent = lang ? lang.slice("language-".length) : "text";
+  const copy = document.createElement("button");
+  copy.type = "button";
+  copy.className = "copy-code";
+  copy.textContent = "Copy";
+  copy.addEventListener("click", () => copyText((code || pre).textContent, copy));
+  bar.append(label, copy);
+  pre.replaceWith(wrap);
+  wrap.append(bar, pre);
+}
+
+// Shows `text` in `el`: Markdown, sanitized, or (raw) plain text. The raw text stays on the
+// element, for copying and for what the page sends back.
+function show(el, text) {
+  el.dataset.raw = text;
+  if (settings.raw) {
+    el.classList.add("raw");
+    el.textContent = text;
+    return;
+  }
+  el.classList.remove("raw");
+  el.innerHTML = DOMPurify.sanitize(marked.parse(text), PURIFY);
+  for (const pre of el.querySelectorAll("pre")) decorateCode(pre);
+}
+
+// ---------------------------------------------------------------- state kept in the browser
+
+function load(storage, key, fallback) {
+  try {
+    const value = JSON.parse(storage.getItem(key));
+    return value === null ? fallback : value;
+  } catch (e) {
+    return fallback;
+  }
+}
+
+const settings = Object.assign({ system: "", temperature: "0.7", maxTokens: "256", model: "", raw: false },
+  load(localStorage, SETTINGS_STORAGE, {}));
+
+const state = {
+  chats: load(localStorage, CHATS_STORAGE, []),  // [{id, title, messages: [{role, content, reasoning?, stats?}], updated}]
+  current: localStorage.getItem(CURRENT_STORAGE),  // id of the open chat; null: a new one, not saved yet
+  controller: null,  // the running request's AbortController
+  editing: null,     // index of the user message being edited
   apiKey: sessionStorage.getItem(KEY_STORAGE) || "",
 };
 
-function headers() {
-  const h = { "Content-Type": "application/json" };
-  if (chat.apiKey) h.Authorization = "Bearer " + chat.apiKey;
-  return h;
+function saveChats() {
+  localStorage.setItem(CHATS_STORAGE, JSON.stringify(state.chats));
+  if (state.current) localStorage.setItem(CURRENT_STORAGE, state.current);
+  else localStorage.removeItem(CURRENT_STORAGE);
 }
+
+function saveSettings() {
+  Object.assign(settings, {
+    system: $("system").value, temperature: $("temperature").value, maxTokens: $("max-tokens").value,
+    model: $("model").value || settings.model, raw: $("raw").checked,
+  });
+  localStorage.setItem(SETTINGS_STORAGE, JSON.stringify(settings));
+}
+
+const currentChat = () => state.chats.find((c) => c.id === state.current) || null;
+
+function openChat(id) {
+  if (state.controller) state.controller.abort();
+  state.current = id;
+  state.editing = null;
+  saveChats();
+  renderChat();
+  renderChatList();
+}
+
+function renderChatList() {
+  const nav = $("chats");
+  nav.replaceChildren();
+  for (const c of [...state.chats].sort((a, b) => b.updated - a.updated)) {
+    const item = document.createElement("div");
+    item.className = "chat-item" + (c.id === state.current ? " current" : "");
+    const open = actionButton(c.title, "open-chat", () => openChat(c.id));
+    open.title = c.title;
+    const rename = actionButton("✎", "rename-chat", () => {
+      const title = prompt("Name this conversation", c.title);
+      if (title && title.trim()) { c.title = title.trim(); saveChats(); renderChatList(); }
+    });
+    rename.title = rename.ariaLabel = "Rename";
+    const remove = actionButton("✕", "delete-chat", () => {
+      state.chats = state.chats.filter((x) => x.id !== c.id);
+      if (state.current === c.id) { state.current = null; renderChat(); }
+      saveChats();
+      renderChatList();
+    });
+    remove.title = remove.ariaLabel = "Delete";
+    item.append(open, rename, remove);
+    nav.append(item);
+  }
+}
+
+// ---------------------------------------------------------------- messages
 
 function addMessage(kind, text) {
   const box = document.createElement("div");
   box.className = "msg " + kind;
   const body = document.createElement("div");
   body.className = "text";
-  body.textContent = text;
   box.append(body);
+  if (kind === "assistant") show(body, text);
+  else { body.textContent = text; body.dataset.raw = text; }
   $("messages").append(box);
   box.scrollIntoView({ block: "end" });
   return box;
@@ -33,6 +169,89 @@ function addMessage(kind, text) {
 
 function showError(text) {
   addMessage("error", text);
+}
+
+function thinkingBlock(box) {
+  let block = box.querySelector("details.thinking");
+  if (!block) {
+    block = document.createElement("details");
+    block.className = "thinking";
+    const summary = document.createElement("summary");
+    summary.textContent = "Thinking";
+    const text = document.createElement("div");
+    text.className = "reasoning";
+    block.append(summary, text);
+    box.prepend(block);
+  }
+  return block.querySelector(".reasoning");
+}
+
+function actionButton(label, cls, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = cls;
+  b.textContent = label;
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+// The buttons under a finished message: copy and (the last answer) regenerate; edit on user turns.
+function addActions(box, index, message, chat) {
+  const actions = document.createElement("div");
+  actions.className = "actions";
+  if (message.role === "assistant") {
+    const copy = actionButton("Copy", "copy-answer", () => copyText(message.content, copy));
+    actions.append(copy);
+    if (index === chat.messages.length - 1) actions.append(actionButton("Regenerate", "regenerate", regenerate));
+  } else {
+    actions.append(actionButton("Edit", "edit", () => startEditing(index)));
+  }
+  box.append(actions);
+}
+
+function showStats(box, stats) {
+  let line = box.querySelector(".stats");
+  if (!line) {
+    line = document.createElement("div");
+    line.className = "stats";
+    box.append(line);
+  }
+  line.textContent = stats || "";
+}
+
+function renderChat() {
+  const chat = currentChat();
+  $("messages").replaceChildren();
+  $("editing").hidden = true;
+  if (!chat) return;
+  chat.messages.forEach((m, i) => {
+    const box = addMessage(m.role, m.content);
+    if (m.reasoning) thinkingBlock(box).textContent = m.reasoning;
+    if (m.role === "assistant") showStats(box, m.stats);
+    addActions(box, i, m, chat);
+  });
+}
+
+function startEditing(index) {
+  const chat = currentChat();
+  if (!chat || state.controller) return;
+  state.editing = index;
+  $("prompt").value = chat.messages[index].content;
+  $("editing").hidden = false;
+  $("prompt").focus();
+}
+
+function cancelEditing() {
+  state.editing = null;
+  $("editing").hidden = true;
+}
+
+// ---------------------------------------------------------------- the server
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  if (state.apiKey) h.Authorization = "Bearer " + state.apiKey;
+  return h;
 }
 
 function askForKey(message) {
@@ -64,20 +283,29 @@ async function loadModels() {
     return;
   }
   if (resp.status === 401) {
-    askForKey(chat.apiKey ? await errorText(resp) : "");
+    askForKey(state.apiKey ? await errorText(resp) : "");
     return;
   }
   if (!resp.ok) {
     showError(await errorText(resp));
     return;
   }
+  const models = (await resp.json()).data;
   const select = $("model");
   select.replaceChildren();
-  for (const model of (await resp.json()).data) {
-    const option = document.createElement("option");
-    option.value = option.textContent = model.id;
-    select.append(option);
+  // LoRA adapters (cards with a parent) are listed under their base model.
+  const option = (id, text) => {
+    const o = document.createElement("option");
+    o.value = id;
+    o.textContent = text;
+    select.append(o);
+  };
+  for (const base of models.filter((m) => !m.parent)) {
+    option(base.id, base.id);
+    for (const adapter of models.filter((m) => m.parent === base.id)) option(adapter.id, "\u00a0\u00a0↳ " + adapter.id);
   }
+  for (const orphan of models.filter((m) => m.parent && !models.some((b) => b.id === m.parent))) option(orphan.id, orphan.id);
+  if (settings.model && models.some((m) => m.id === settings.model)) select.value = settings.model;
 }
 
 function setBusy(busy) {
@@ -109,12 +337,7 @@ async function* sseData(resp) {
 }
 
 function requestBody(messages) {
-  const body = {
-    model: $("model").value || undefined,
-    messages,
-    stream: true,
-    stream_options: { include_usage: true },
-  };
+  const body = { model: $("model").value || undefined, messages, stream: true, stream_options: { include_usage: true } };
   const temperature = parseFloat($("temperature").value);
   const maxTokens = parseInt($("max-tokens").value, 10);
   if (!Number.isNaN(temperature)) body.temperature = temperature;
@@ -122,22 +345,39 @@ function requestBody(messages) {
   return body;
 }
 
-async function send(text) {
-  if (chat.controller || !text.trim()) return;
+// The figures under an answer: time to the first token, and the decode speed, counted over the
+// tokens after the first and the time from the first token to the last (not to the stream's end,
+// which a late finish or usage chunk would stretch), with the count from the usage chunk.
+function figures(t) {
+  const parts = [];
+  if (t.first !== null) {
+    parts.push(`TTFT ${Math.round(t.first - t.started)} ms`);
+    const tokens = t.usage ? t.usage.completion_tokens : t.chunks;
+    if (tokens > 1 && t.last > t.first) parts.push(`${((tokens - 1) / ((t.last - t.first) / 1000)).toFixed(1)} tok/s`);
+    if (t.usage) parts.push(`${t.usage.completion_tokens} tokens`);
+  }
+  if (t.finish) parts.push(`finish: ${t.finish}`);
+  return parts.join(" · ");
+}
+
+// Streams an answer to the chat's messages (its last is the user's) and appends it.
+async function generate(chat) {
   const chatId = chat.id;
-  addMessage("user", text);
   const system = $("system").value.trim();
-  const turns = [...chat.history, { role: "user", content: text }];
+  const turns = chat.messages.map((m) => ({ role: m.role, content: m.content }));
   const messages = system ? [{ role: "system", content: system }, ...turns] : turns;
-  const controller = (chat.controller = new AbortController());
+  const controller = (state.controller = new AbortController());
   setBusy(true);
   const box = addMessage("assistant", "");
   const out = box.querySelector(".text");
-  const stats = document.createElement("div");
-  stats.className = "stats";
-  box.append(stats);
-  const started = performance.now();
-  let first = null, chunks = 0, finish = null, usage = null, done = false, failed = false;
+  showStats(box, "");  // filled in when the answer ends
+  let content = "", reasoning = "", rendering = false, failed = false, done = false;
+  const t = { started: performance.now(), first: null, last: null, chunks: 0, usage: null, finish: null };
+  const render = () => {  // at most once a frame, however many deltas arrive
+    if (rendering) return;
+    rendering = true;
+    requestAnimationFrame(() => { rendering = false; show(out, content); box.scrollIntoView({ block: "end" }); });
+  };
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(requestBody(messages)), signal: controller.signal,
@@ -157,16 +397,25 @@ async function send(text) {
         showError(`The server stopped this answer: ${chunk.error.message}`);
         continue;
       }
-      if (chunk.usage) usage = chunk.usage;
+      if (chunk.usage) t.usage = chunk.usage;
       const choice = chunk.choices && chunk.choices[0];
       if (!choice) continue;
-      if (choice.delta && choice.delta.content) {
-        if (first === null) first = performance.now();
-        chunks += 1;
-        out.textContent += choice.delta.content;
-        box.scrollIntoView({ block: "end" });
+      const delta = choice.delta || {};
+      if (delta.content || delta.reasoning_content) {
+        const now = performance.now();
+        if (t.first === null) t.first = now;
+        t.last = now;
+        t.chunks += 1;
       }
-      if (choice.finish_reason) finish = choice.finish_reason;
+      if (delta.reasoning_content) {
+        reasoning += delta.reasoning_content;
+        thinkingBlock(box).textContent = reasoning;
+      }
+      if (delta.content) {
+        content += delta.content;
+        render();
+      }
+      if (choice.finish_reason) t.finish = choice.finish_reason;
     }
     if (!done && !failed) {
       failed = true;
@@ -174,40 +423,82 @@ async function send(text) {
     }
   } catch (e) {
     if (e.name === "AbortError") {
-      finish = "stopped";
+      t.finish = "stopped";
     } else {
       failed = true;
       showError("Lost the connection to the server: " + e.message);
     }
   } finally {
-    if (chat.controller === controller) chat.controller = null;
+    if (state.controller === controller) state.controller = null;
     setBusy(false);
-    const ended = performance.now();
-    const tokens = usage ? usage.completion_tokens : chunks;
-    const parts = [];
-    if (first !== null) {
-      parts.push(`TTFT ${Math.round(first - started)} ms`);
-      if (ended > first && tokens > 1) parts.push(`${((tokens - 1) / ((ended - first) / 1000)).toFixed(1)} tok/s`);
-    }
-    if (finish) parts.push(`finish: ${finish}`);
-    stats.textContent = parts.join(" · ");
   }
-  // The turn joins the history once it has an answer, so that a failed turn can be sent again;
-  // never into a new chat started meanwhile.
-  if (out.textContent && !failed && chat.id === chatId) chat.history.push({ role: "user", content: text }, { role: "assistant", content: out.textContent });
+  show(out, content);
+  const stats = figures(t);
+  showStats(box, stats);
+  // The answer joins the conversation once it has text (a stopped one too), so a failed turn
+  // can be sent again; never into another chat opened meanwhile.
+  if (content && !failed && state.current === chatId) {
+    const message = { role: "assistant", content, stats };
+    if (reasoning) message.reasoning = reasoning;
+    chat.messages.push(message);
+    chat.updated = Date.now();
+    saveChats();
+    renderChat();
+    renderChatList();
+  }
+}
+
+async function send(text) {
+  if (state.controller || !text.trim()) return;
+  saveSettings();
+  let chat = currentChat();
+  if (!chat) {
+    chat = { id: Date.now().toString(36) + Math.random().toString(36).slice(2, 6), title: text.trim().slice(0, 40),
+      messages: [], updated: Date.now() };
+    state.chats.push(chat);
+    state.current = chat.id;
+  }
+  if (state.editing !== null) {  // an earlier turn, edited: the conversation continues from there
+    chat.messages = chat.messages.slice(0, state.editing);
+    cancelEditing();
+  } else if (chat.messages.length && chat.messages[chat.messages.length - 1].role === "user") {
+    chat.messages.pop();  // a turn that got no answer (refused, failed) is not sent again as history
+  }
+  chat.messages.push({ role: "user", content: text });
+  chat.updated = Date.now();
+  saveChats();
+  renderChat();
+  renderChatList();
+  await generate(chat);
+}
+
+async function regenerate() {
+  const chat = currentChat();
+  if (state.controller || !chat || !chat.messages.length || chat.messages[chat.messages.length - 1].role !== "assistant") return;
+  saveSettings();
+  chat.messages.pop();
+  saveChats();
+  renderChat();
+  await generate(chat);
 }
 
 function newChat() {
-  chat.id += 1;
-  if (chat.controller) chat.controller.abort();
-  chat.history = [];
-  $("messages").replaceChildren();
+  openChat(null);
   $("prompt").focus();
 }
 
+// ---------------------------------------------------------------- wiring
+
+$("system").value = settings.system;
+$("temperature").value = settings.temperature;
+$("max-tokens").value = settings.maxTokens;
+$("raw").checked = settings.raw;
+for (const id of ["system", "temperature", "max-tokens", "model"]) $(id).addEventListener("change", saveSettings);
+$("raw").addEventListener("change", () => { saveSettings(); renderChat(); });
+
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
-  if (chat.controller) return;  // one answer at a time; the typed text stays in the box
+  if (state.controller) return;  // one answer at a time; the typed text stays in the box
   const text = $("prompt").value;
   $("prompt").value = "";
   send(text);
@@ -218,14 +509,22 @@ $("prompt").addEventListener("keydown", (event) => {
     $("composer").requestSubmit();
   }
 });
-$("stop").addEventListener("click", () => chat.controller && chat.controller.abort());
+document.addEventListener("keydown", (event) => {
+  if (event.key !== "Escape") return;
+  if (state.controller) state.controller.abort();
+  else if (state.editing !== null) { cancelEditing(); $("prompt").value = ""; }
+});
+$("stop").addEventListener("click", () => state.controller && state.controller.abort());
 $("new-chat").addEventListener("click", newChat);
 $("key-panel").addEventListener("submit", (event) => {
   event.preventDefault();
-  chat.apiKey = $("api-key").value.trim();
-  sessionStorage.setItem(KEY_STORAGE, chat.apiKey);
+  state.apiKey = $("api-key").value.trim();
+  sessionStorage.setItem(KEY_STORAGE, state.apiKey);
   $("key-panel").hidden = true;
   loadModels();
 });
 
+if (state.current && !currentChat()) state.current = null;
+renderChat();
+renderChatList();
 loadModels();
