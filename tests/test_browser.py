@@ -504,3 +504,16 @@ async def test_adapters_are_listed_under_their_base_model(server, page):
     await page.wait_for_function("document.querySelector('#model').options.length === 3")
     options = await page.locator("#model option").evaluate_all("os => os.map(o => [o.value, o.textContent.trim()])")
     assert options == [["base-model", "base-model"], ["sql-lora", "↳ sql-lora"], ["chat-lora", "↳ chat-lora"]]
+
+
+async def test_the_page_follows_the_systems_dark_mode(server, browser):
+    colours = []
+    for scheme in ("light", "dark"):
+        context = await browser.new_context(color_scheme=scheme)
+        page = await context.new_page()
+        try:
+            await page.goto(server.url + "/")
+            colours.append(await page.evaluate("getComputedStyle(document.body).backgroundColor"))
+        finally:
+            await context.close()
+    assert colours == ["rgb(246, 246, 248)", "rgb(22, 23, 26)"]
