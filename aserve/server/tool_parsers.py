@@ -164,6 +164,19 @@ class _StreamedCalls:
         self._buf += delta
         return []
 
+    def _finishing(self) -> list[dict[str, Any]] | None:
+        """The list finish() fills; None when it has run already."""
+        if self._done:
+            return None
+        self._done = True
+        return []
+
+    def _release_text(self, tag: str, out: list[dict[str, Any]]) -> None:
+        """Sends the held text as content, but for an end that may still become `tag`."""
+        keep = _held_prefix_len(self._buf, tag)
+        _emit_content(self._sink, self._buf[: len(self._buf) - keep], out)
+        self._buf = self._buf[len(self._buf) - keep :]
+
 
 @dataclass(slots=True)
 class TaggedJSONStreamingParser(_StreamedCalls):
@@ -195,9 +208,7 @@ class TaggedJSONStreamingParser(_StreamedCalls):
             else:
                 start = self._buf.find(open_tag)
                 if start == -1:
-                    keep = _held_prefix_len(self._buf, open_tag)
-                    self._content(self._buf[: len(self._buf) - keep], out)
-                    self._buf = self._buf[len(self._buf) - keep :]
+                    self._release_text(open_tag, out)
                     break
                 self._content(self._buf[:start], out)
                 self._buf = self._buf[start + len(open_tag) :]
@@ -205,10 +216,8 @@ class TaggedJSONStreamingParser(_StreamedCalls):
         return out
 
     def finish(self) -> list[dict[str, Any]]:
-        if self._done:
+        if (out := self._finishing()) is None:
             return []
-        self._done = True
-        out: list[dict[str, Any]] = []
         if self._in_block:
             self._end_block(self._buf, closed=False, out=out)
         else:
@@ -337,16 +346,12 @@ class MarkedJSONStreamingParser(_StreamedCalls):
             _emit_content(self._sink, self._buf[:at], out)
             self._buf, self._holding = self._buf[at:], True
             return out
-        keep = _held_prefix_len(self._buf, marker)
-        _emit_content(self._sink, self._buf[: len(self._buf) - keep], out)
-        self._buf = self._buf[len(self._buf) - keep :]
+        self._release_text(marker, out)
         return out
 
     def finish(self) -> list[dict[str, Any]]:
-        if self._done:
+        if (out := self._finishing()) is None:
             return []
-        self._done = True
-        out: list[dict[str, Any]] = []
         parts = self.parser.split(self._buf) if self._holding else None
         calls = self.parser.calls_in(parts[1]) if parts is not None else None
         if calls:
