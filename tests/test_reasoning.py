@@ -15,7 +15,7 @@ from openapi_schema import assert_valid
 from test_api import HELLO, Server, chat, post, serve, stream
 from test_openai_fields import WEATHER, scripted_output
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+ASYNC = pytest.mark.asyncio(loop_scope="module")  # the async tests share the module's server
 
 # Qwen3's switch, reduced: with enable_thinking false the prompt closes an empty thinking block.
 # It names the tools compactly (the tiny model's context is short).
@@ -76,6 +76,7 @@ async def server(tiny_qwen3_dir, tmp_path_factory) -> AsyncIterator[Server]:
         yield s
 
 
+@ASYNC
 async def test_thinking_is_reasoning_content_and_never_content(server, client):
     with scripted_output(server, THOUGHT):
         body = await chat(client, server, messages=HELLO, max_tokens=100)
@@ -84,6 +85,7 @@ async def test_thinking_is_reasoning_content_and_never_content(server, client):
     assert message["content"] == "Hello!"
 
 
+@ASYNC
 async def test_streamed_thinking_arrives_as_reasoning_deltas_before_the_content(server, client):
     with scripted_output(server, THOUGHT):
         s = await stream(client, server, messages=HELLO, max_tokens=100)
@@ -95,6 +97,7 @@ async def test_streamed_thinking_arrives_as_reasoning_deltas_before_the_content(
     assert not any("reasoning_content" in d for d in deltas[first_content:])
 
 
+@ASYNC
 async def test_a_tool_call_after_the_thinking_is_parsed(server, client):
     with scripted_output(server, CALL):
         body = await chat(client, server, messages=HELLO, tools=[WEATHER], max_tokens=200)
@@ -105,6 +108,7 @@ async def test_a_tool_call_after_the_thinking_is_parsed(server, client):
     assert choice["finish_reason"] == "tool_calls" and not choice["message"]["content"]
 
 
+@ASYNC
 async def test_chat_template_kwargs_reach_the_template(server, client):
     off = await post(client, server.url, {"messages": HELLO, "chat_template_kwargs": {"enable_thinking": False},
                                           "return_token_strs": True}, path="/tokenize")
@@ -118,12 +122,14 @@ async def test_chat_template_kwargs_reach_the_template(server, client):
     assert "reasoning_content" not in body["choices"][0]["message"]
 
 
+@ASYNC
 async def test_chat_template_kwargs_may_not_override_the_templates_own_arguments(server, client):
     reply = await post(client, server.url, {"model": server.model, "messages": HELLO,
                                             "chat_template_kwargs": {"add_generation_prompt": False}})
     assert reply.status == 400 and reply.body["error"]["param"] == "chat_template_kwargs"
 
 
+@ASYNC
 async def test_without_a_reasoning_parser_thinking_stays_content(tiny_qwen3_dir, client):
     async with serve(tiny_qwen3_dir) as plain:
         with scripted_output(plain, THOUGHT):
@@ -132,6 +138,7 @@ async def test_without_a_reasoning_parser_thinking_stays_content(tiny_qwen3_dir,
     assert "reasoning_content" not in body["choices"][0]["message"]
 
 
+@ASYNC
 async def test_messages_put_the_thinking_in_a_thinking_block(server):
     async with anthropic.AsyncAnthropic(base_url=server.url, api_key="none", max_retries=0) as sdk:
         with scripted_output(server, THOUGHT):
@@ -146,6 +153,7 @@ async def test_messages_put_the_thinking_in_a_thinking_block(server):
         assert (text.type, text.text) == ("text", "Hello!")
 
 
+@ASYNC
 async def test_responses_put_the_thinking_in_a_reasoning_item(server, client):
     with scripted_output(server, THOUGHT):
         reply = await post(client, server.url, {"model": server.model, "input": "Hi", "max_output_tokens": 100},
