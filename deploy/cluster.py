@@ -241,12 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(args.replicas, args.policy, args.port, serve_args, log_dir=args.log_dir)
     stop = False
 
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # while starting: start() stops what it started, then we leave
+
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stop
         stop = True
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGTERM, interrupt)  # SIGINT raises KeyboardInterrupt already
     print(f"starting {args.replicas} replicas and vllm-router {ROUTER_VERSION} ({args.policy}); logs in "
           f"{cluster.log_dir}", flush=True)
     try:
@@ -254,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterError as exc:
         print(f"cluster: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("cluster: interrupted while starting; everything started is stopped", file=sys.stderr)
+        return 130
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     print(f"router at {cluster.url}  (replicas: {', '.join(r.url for r in cluster.replicas)}; router metrics: "
           f"http://127.0.0.1:{cluster.metrics_port}/metrics); Ctrl-C stops everything", flush=True)
     try:

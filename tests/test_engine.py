@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aserve.config import load_config
-from aserve.engine.engine_loop import EngineError, EngineLoop, GenerationRequest
+from aserve.engine.engine_loop import MAX_FAULTED_STEPS, EngineError, EngineLoop, GenerationRequest
 from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from aserve.launch import build_state
 
@@ -425,3 +425,29 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed(tiny_ll
             async for _ in outputs:
                 pass
         assert (await collect(engine, "next", PROMPTS[1], max_tokens=3))[1:] == ("length", 3)  # it serves on
+
+
+async def test_a_fault_on_every_step_ends_the_loop_so_the_replica_is_restarted(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir) as engine:
+        def broken():
+            raise RuntimeError("scheduler bug, every time")
+
+        engine.scheduler.schedule = broken
+        for i in range(MAX_FAULTED_STEPS):  # each fails; the last one's step ends the loop
+            with pytest.raises(EngineError):
+                await collect(engine, f"r{i}", PROMPTS[0])
+        await wait_until(lambda: not engine.healthy)
+        assert engine.faults == {"step": MAX_FAULTED_STEPS}
+        with pytest.raises(EngineError, match="not running"):
+            await collect(engine, "late", PROMPTS[0])
+
+
+async def test_a_request_id_is_refused_until_its_aborted_namesake_has_left(tiny_llama_dir):
+    async with running_engine(tiny_llama_dir) as engine:
+        outputs = engine.generate(GenerationRequest("same", PROMPTS[0], SamplingParams(max_tokens=400, ignore_eos=True)))
+        await anext(outputs)
+        await outputs.aclose()  # aborted: it leaves the batch at the next step
+        with pytest.raises(EngineError, match="already running"):
+            await collect(engine, "same", PROMPTS[0])
+        await wait_until(lambda: not engine.scheduler.running)
+        assert (await collect(engine, "same", PROMPTS[0], max_tokens=2))[1:] == ("length", 2)

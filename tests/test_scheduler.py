@@ -1,5 +1,7 @@
 """Scheduling decisions, tested without a model: the runner's part is played by hand."""
 
+import pytest
+
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.scheduler import Scheduler
 from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
@@ -294,3 +296,21 @@ def test_a_preempted_stream_resuming_is_not_held_to_the_long_prompt_cap():
     s.waiting.appendleft(resumed)
     scheduled, _ = _step(s)
     assert [(i.seq.request_id, i.num_tokens) for i in scheduled] == [("other", 1), ("resumed", 15)]
+
+
+def test_removing_a_waiting_sequence_frees_what_a_failed_admission_left_it():
+    s = _scheduler()
+    a = _seq("a")
+    s.add(a)
+    total, real = s.blocks.num_free, s.blocks.allocate
+
+    def takes_blocks_then_fails(seq, *args, **kwargs):
+        real(seq, *args, **kwargs)
+        raise RuntimeError("admission failed half-way")
+
+    s.blocks.allocate = takes_blocks_then_fails
+    with pytest.raises(RuntimeError):
+        s.schedule()
+    assert a in s.waiting and a.block_table
+    s.remove(a, SequenceStatus.FINISHED_ERROR)
+    assert s.blocks.num_free == total and not a.block_table

@@ -239,3 +239,13 @@ def test_a_users_gguf_is_converted_into_the_same_model_and_tokenizer(tiny_llama_
     # Converted once: a second resolve finds it complete.
     monkeypatch.setattr(store, "_convert", lambda *a: pytest.fail("converted twice"))
     assert resolve_model(str(gguf), tmp_path / "cache", PIP_MUST_NOT_RUN) == out
+
+
+def test_a_complete_cache_is_used_without_taking_its_lock(tmp_path):
+    # A read-only cache (an image layer, a volume mounted read-only) must serve as it is.
+    out = tmp_path / "cache" / store.DEFAULT_MODEL_DIRNAME
+    out.mkdir(parents=True)
+    (out / store.GGUF_NAME).write_bytes(b"GGUF")
+    (out / store.MARKER).write_text(store.DEFAULT_GGUF_SHA256 + "\n")
+    assert resolve_model(None, tmp_path / "cache", PIP_MUST_NOT_RUN) == out
+    assert not (tmp_path / "cache" / ".lock").exists()

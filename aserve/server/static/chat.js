@@ -82,30 +82,49 @@ function show(el, text) {
 
 // ---------------------------------------------------------------- state kept in the browser
 
-function load(storage, key, fallback) {
+// Storage may be blocked (privacy settings) or full (its quota): the page then works on, and
+// says once that conversations are not being kept.
+function storage(kind) {
   try {
-    const value = JSON.parse(storage.getItem(key));
+    return kind === "session" ? window.sessionStorage : window.localStorage;
+  } catch (e) {
+    return null;
+  }
+}
+
+function load(store, key, fallback) {
+  try {
+    const value = JSON.parse(store.getItem(key));
     return value === null ? fallback : value;
   } catch (e) {
     return fallback;
   }
 }
 
+let storageWarned = false;
+function store(key, value) {
+  try {
+    if (value === null) storage().removeItem(key); else storage().setItem(key, value);
+  } catch (e) {
+    if (!storageWarned) showError("This browser is not keeping the conversations (its storage refused: " + e.message + ").");
+    storageWarned = true;
+  }
+}
+
 const settings = Object.assign({ system: "", temperature: "0.7", maxTokens: "256", model: "", raw: false },
-  load(localStorage, SETTINGS_STORAGE, {}));
+  load(storage(), SETTINGS_STORAGE, {}));
 
 const state = {
-  chats: load(localStorage, CHATS_STORAGE, []),  // [{id, title, messages: [{role, content, reasoning?, stats?}], updated}]
-  current: localStorage.getItem(CURRENT_STORAGE),  // id of the open chat; null: a new one, not saved yet
+  chats: load(storage(), CHATS_STORAGE, []),  // [{id, title, messages: [{role, content, reasoning?, stats?}], updated}]
+  current: load(storage(), CURRENT_STORAGE, null),  // id of the open chat; null: a new one, not saved yet
   controller: null,  // the running request's AbortController
   editing: null,     // index of the user message being edited
-  apiKey: sessionStorage.getItem(KEY_STORAGE) || "",
+  apiKey: load(storage("session"), KEY_STORAGE, ""),
 };
 
 function saveChats() {
-  localStorage.setItem(CHATS_STORAGE, JSON.stringify(state.chats));
-  if (state.current) localStorage.setItem(CURRENT_STORAGE, state.current);
-  else localStorage.removeItem(CURRENT_STORAGE);
+  store(CHATS_STORAGE, JSON.stringify(state.chats));
+  store(CURRENT_STORAGE, state.current ? JSON.stringify(state.current) : null);
 }
 
 function saveSettings() {
@@ -113,7 +132,7 @@ function saveSettings() {
     system: $("system").value, temperature: $("temperature").value, maxTokens: $("max-tokens").value,
     model: $("model").value || settings.model, raw: $("raw").checked,
   });
-  localStorage.setItem(SETTINGS_STORAGE, JSON.stringify(settings));
+  store(SETTINGS_STORAGE, JSON.stringify(settings));
 }
 
 const currentChat = () => state.chats.find((c) => c.id === state.current) || null;
@@ -142,7 +161,11 @@ function renderChatList() {
     rename.title = rename.ariaLabel = "Rename";
     const remove = actionButton("✕", "delete-chat", () => {
       state.chats = state.chats.filter((x) => x.id !== c.id);
-      if (state.current === c.id) { state.current = null; renderChat(); }
+      if (state.current === c.id) {
+        if (state.controller) state.controller.abort();
+        state.current = null;
+        renderChat();
+      }
       saveChats();
       renderChatList();
     });
@@ -360,7 +383,8 @@ function figures(t) {
   return parts.join(" · ");
 }
 
-// Streams an answer to the chat's messages (its last is the user's) and appends it.
+// Streams an answer to the chat's messages (its last is the user's) and appends it; says whether
+// it did.
 async function generate(chat) {
   const chatId = chat.id;
   const system = $("system").value.trim();
@@ -387,7 +411,7 @@ async function generate(chat) {
       box.remove();
       const message = await errorText(resp);
       if (resp.status === 401) askForKey(message); else showError(message);
-      return;
+      return false;
     }
     for await (const data of sseData(resp)) {
       if (data === "[DONE]") { done = true; break; }
@@ -445,7 +469,9 @@ async function generate(chat) {
     saveChats();
     renderChat();
     renderChatList();
+    return true;
   }
+  return false;
 }
 
 async function send(text) {
@@ -476,10 +502,13 @@ async function regenerate() {
   const chat = currentChat();
   if (state.controller || !chat || !chat.messages.length || chat.messages[chat.messages.length - 1].role !== "assistant") return;
   saveSettings();
-  chat.messages.pop();
-  saveChats();
+  const previous = chat.messages.pop();
   renderChat();
-  await generate(chat);
+  if (!(await generate(chat)) && state.current === chat.id && chat.messages[chat.messages.length - 1].role === "user") {
+    chat.messages.push(previous);  // the new answer failed: the old one stays
+    saveChats();
+    renderChat();
+  }
 }
 
 function newChat() {
@@ -494,7 +523,10 @@ $("temperature").value = settings.temperature;
 $("max-tokens").value = settings.maxTokens;
 $("raw").checked = settings.raw;
 for (const id of ["system", "temperature", "max-tokens", "model"]) $(id).addEventListener("change", saveSettings);
-$("raw").addEventListener("change", () => { saveSettings(); renderChat(); });
+$("raw").addEventListener("change", () => {
+  saveSettings();
+  if (!state.controller) renderChat();  // a streaming answer takes the setting at its next frame
+});
 
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
@@ -519,7 +551,9 @@ $("new-chat").addEventListener("click", newChat);
 $("key-panel").addEventListener("submit", (event) => {
   event.preventDefault();
   state.apiKey = $("api-key").value.trim();
-  sessionStorage.setItem(KEY_STORAGE, state.apiKey);
+  try {
+    storage("session").setItem(KEY_STORAGE, JSON.stringify(state.apiKey));
+  } catch (e) { /* kept for this page only */ }
   $("key-panel").hidden = true;
   loadModels();
 });
