@@ -142,11 +142,7 @@ def _load(config: Config, path: Path,
 def _tool_parser_name(name: str, tokenizer: Any) -> str:
     if name != "auto":
         return name
-    template = getattr(tokenizer, "chat_template", None)
-    chosen = parser_for_template(template)
-    if template and "[ARGS]" in template:
-        log.warning("the chat template writes tool calls as [TOOL_CALLS]name[ARGS]{...}, which no parser here "
-                    "reads; tool calls will come back as text (--tool-parser picks another)")
+    chosen = parser_for_template(getattr(tokenizer, "chat_template", None))
     log.info("tool calls read as %s (--tool-parser auto, from the chat template)", chosen)
     return chosen
 

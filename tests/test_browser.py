@@ -249,24 +249,13 @@ async def test_the_page_fits_a_phone_screen(server, browser):
 
 @pytest.mark.cluster
 async def test_the_page_streams_through_vllm_router_at_chat(page, tmp_path):
-    import socket
-    import sys
-    from pathlib import Path
     from types import SimpleNamespace
 
+    from test_cluster import cluster_of
     from tiny_models import build_tiny_model
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
-    from cluster import Cluster
-
-    ports = []
-    for _ in range(4):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-    model = build_tiny_model(tmp_path / "model")
-    with Cluster(2, "round_robin", ports[0], ["--model", str(model)], log_dir=tmp_path, threads_per_replica=1,
-                 replica_ports=ports[1:3], metrics_port=ports[3], start_timeout=180) as cluster:
+    model = build_tiny_model(tmp_path / "model", max_positions=4096)
+    with cluster_of(model, tmp_path, "round_robin", replicas=2) as cluster:
         bodies = chat_request_bodies(page)
         await open_chat(page, SimpleNamespace(url=cluster.url), max_tokens=8, path="/chat")
         await ask(page, "Hello there")
@@ -275,7 +264,6 @@ async def test_the_page_streams_through_vllm_router_at_chat(page, tmp_path):
         await wait_finished(page, 2)
     assert "finish: length" in stats and await last_answer(page)
     assert len(bodies) == 2 and bodies[1]["messages"][-1] == {"role": "user", "content": "And again"}
-
 
 
 # ---------------------------------------------------------------------------- Markdown, safely

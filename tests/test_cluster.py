@@ -47,23 +47,24 @@ def long_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_long"), max_positions=4096)
 
 
-def _cluster(model: Path, tmp: Path, policy: str) -> Cluster:
-    port, metrics, *replicas = _free_ports(5)
-    return Cluster(3, policy, port, ["--model", str(model), *SERVE_ARGS], log_dir=tmp,
-                   threads_per_replica=1, replica_ports=replicas, metrics_port=metrics, start_timeout=180)
+def cluster_of(model: Path, tmp: Path, policy: str, replicas: int = 3) -> Cluster:
+    """Replicas of `model` behind vllm-router, on free loopback ports (not started)."""
+    port, metrics, *replica_ports = _free_ports(2 + replicas)
+    return Cluster(replicas, policy, port, ["--model", str(model), *SERVE_ARGS], log_dir=tmp,
+                   threads_per_replica=1, replica_ports=replica_ports, metrics_port=metrics, start_timeout=180)
 
 
 @pytest.fixture(scope="module")
 def shared(long_model, tmp_path_factory) -> Iterator[Cluster]:
     """A round_robin cluster for the tests that leave every replica running."""
-    with _cluster(long_model, tmp_path_factory.mktemp("cluster"), "round_robin") as cluster:
+    with cluster_of(long_model, tmp_path_factory.mktemp("cluster"), "round_robin") as cluster:
         yield cluster
 
 
 @pytest.fixture
 def fresh(long_model, tmp_path) -> Iterator[Cluster]:
     """A cluster of its own, for a test that kills or stops a replica."""
-    with _cluster(long_model, tmp_path, "round_robin") as cluster:
+    with cluster_of(long_model, tmp_path, "round_robin") as cluster:
         yield cluster
 
 

@@ -361,9 +361,11 @@ class EngineLoop:
             self._add(request, queue)
         except Exception as exc:  # this request's fields or state: it alone fails
             self._fault("admit", exc, rid)
-            if (seq := self._seqs.pop(rid, None)) is not None:
-                self.scheduler.remove(seq, SequenceStatus.FINISHED_ERROR)
-            queue.put_nowait(_Event(error=f"engine error (admit): {type(exc).__name__}: {exc}"))
+            message = f"engine error (admit): {type(exc).__name__}: {exc}"
+            if (seq := self._seqs.get(rid)) is not None:
+                self._fail(seq, message)  # added before the fault: taken out again
+            else:
+                queue.put_nowait(_Event(error=message))
 
     def _add(self, request: GenerationRequest, queue: "asyncio.Queue[_Event]") -> None:
         rid = request.request_id

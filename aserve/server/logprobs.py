@@ -30,22 +30,24 @@ class TokenText:
 
     Each thread decodes with a tokenizer of its own: a Hugging Face tokenizer is one Rust object
     that the tokenize thread mutates while it encodes (truncation settings), and another thread
-    using it at that moment fails ("Already borrowed"). The copies are made from a private one,
-    taken before any thread runs, that nothing else touches."""
+    using it at that moment fails ("Already borrowed"). The thread that makes this one (the event
+    loop's, which renders logprobs) decodes with a private copy; any other thread with a copy of
+    that. Copying and decoding only read it, and reads never conflict."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self._pristine = copy.deepcopy(tokenizer)
-        self._copying = threading.Lock()
+        self._own = copy.deepcopy(tokenizer)
+        self._owner = threading.get_ident()
         self._local = threading.local()
         self.text = functools.lru_cache(maxsize=65536)(self._text)
         self.bytes = functools.lru_cache(maxsize=65536)(self._bytes)
 
     @property
     def _tok(self) -> Any:
+        if threading.get_ident() == self._owner:
+            return self._own
         tok = getattr(self._local, "tokenizer", None)
         if tok is None:
-            with self._copying:
-                tok = self._local.tokenizer = copy.deepcopy(self._pristine)
+            tok = self._local.tokenizer = copy.deepcopy(self._own)
         return tok
 
     def _text(self, token: int) -> str:

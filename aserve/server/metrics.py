@@ -108,12 +108,9 @@ class Metrics:
             self.kv_blocks.labels(self._model, state).set(stats[f"kv_blocks_{state}"])
         for counter, key in ((self.prefix_queries, "prefix_cache_queries"), (self.prefix_hits, "prefix_cache_hits"),
                              (self.preemptions, "preemptions")):
-            counter.labels(self._model).inc(max(stats[key] - self._engine_counts.get(key, 0), 0))
-            self._engine_counts[key] = stats[key]
+            self._catch_up(counter.labels(self._model), key, stats[key])
         for stage, count in (faults or {}).items():
-            key = f"fault:{stage}"
-            self.faults.labels(self._model, stage).inc(max(count - self._engine_counts.get(key, 0), 0))
-            self._engine_counts[key] = count
+            self._catch_up(self.faults.labels(self._model, stage), f"fault:{stage}", count)
         if lora is not None:
             running, waiting = lora
             for gauge, table in ((self.lora_running, running), (self.lora_waiting, waiting)):
@@ -124,6 +121,11 @@ class Metrics:
             self.lora_info.labels(",".join(sorted(running)), ",".join(sorted(waiting)),
                                   str(max_loras)).set_to_current_time()
         return generate_latest(self.registry)
+
+    def _catch_up(self, counter: Counter, key: str, count: int) -> None:
+        """Advances a counter to an engine-side count (counters only go up: by the difference)."""
+        counter.inc(max(count - self._engine_counts.get(key, 0), 0))
+        self._engine_counts[key] = count
 
 
 class _Renamed:

@@ -33,11 +33,15 @@ Rules shared by `parse()` and the streaming parser (tests hold them to the same 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
+
+
+log = logging.getLogger("aserve.server")
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,9 +387,11 @@ def parser_for_template(template: str | None) -> str:
     """The parser for the call format a chat template teaches its model (`--tool-parser auto`).
     Hermes also covers templates that render no tools: aserve's own tool prompt asks for it."""
     template = template or ""
-    # Newer Mistral templates write `[TOOL_CALLS]name[ARGS]{...}`, not a JSON array: not this parser's.
-    if "[TOOL_CALLS]" in template and "[ARGS]" not in template:
-        return "mistral"
+    if "[TOOL_CALLS]" in template:
+        if "[ARGS]" not in template:
+            return "mistral"
+        log.warning("the chat template writes tool calls as [TOOL_CALLS]name[ARGS]{...}, which no parser here "
+                    "reads; tool calls will come back as text (--tool-parser picks another)")
     if "<|python_tag|>" in template or "ipython" in template:
         return "llama3_json"
     return "hermes"
