@@ -12,11 +12,19 @@ attention shape by default (9 query heads, 3 kv heads, head_dim 64):
           matmul + bias + softmax + matmul, other dtypes SDPA on the same layout (as
           aserve/models/llama.py's _decode_attention does)
 
+With --chunk N, each sequence instead has a prefill chunk of N tokens ending its context (N
+queries over cached positions, as a later chunk of a long prompt or a new turn of a chat has):
+
+  kernel  the same kernel, the chunk's tokens attended together in tiles
+  dense   what aserve/models/llama.py does for a chunk where the kernel is unavailable: gather the
+          sequence's blocks into one contiguous run, then SDPA with a causal mask
+
 Each layer has its own cache and the calls rotate over --layers of them, so the cache is read
 from memory as in a real decode step rather than from the CPU's L3 after the first call.
 
     .venv/bin/python bench/paged_attention.py                       # float32, contexts 128 and 1024
     .venv/bin/python bench/paged_attention.py --dtype bfloat16 --batch 1 --context 128
+    .venv/bin/python bench/paged_attention.py --dtype bfloat16 --batch 1 --chunk 16 32 64 128 --context 512 1600 3000
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from aserve.models.paged_attention import kernel_available, paged_attention
+from aserve.models.llama import chunk_attention
+from aserve.models.cpu_kernels import kernel_available
+from aserve.models.paged_attention import paged_attention
 
 
 def time_ms(fns: dict[str, Callable[[int], object]], layers: int, repeats: int) -> dict[str, float]:
@@ -82,6 +92,32 @@ def run(batch: int, context: int, args: argparse.Namespace) -> dict[str, float]:
     return time_ms(fns, args.layers, args.repeats)
 
 
+def run_chunk(batch: int, chunk: int, context: int, args: argparse.Namespace) -> dict[str, float]:
+    dtype = getattr(torch, args.dtype)
+    heads, kv_heads, head_dim, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
+    blocks_per_row = -(-context // bs)
+    num_blocks = batch * blocks_per_row
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch * chunk, heads, head_dim, generator=gen).to(dtype)
+    paged = [(torch.randn(num_blocks, kv_heads, bs, head_dim, generator=gen).to(dtype),
+              torch.randn(num_blocks, kv_heads, bs, head_dim, generator=gen).to(dtype)) for _ in range(args.layers)]
+    tables = torch.randperm(num_blocks, generator=gen).view(batch, blocks_per_row).to(torch.int32)
+    rows = torch.arange(batch, dtype=torch.int32).repeat_interleave(chunk)
+    lens = torch.arange(context - chunk + 1, context + 1, dtype=torch.int32).repeat(batch)
+    long_tables = tables.long()
+    scale = head_dim ** -0.5
+
+    def dense(layer: int) -> list[torch.Tensor]:
+        k_cache, v_cache = paged[layer]
+        return [chunk_attention(q[r * chunk : (r + 1) * chunk].transpose(0, 1).unsqueeze(0), k_cache, v_cache,
+                                long_tables[r], context - chunk, scale) for r in range(batch)]
+
+    fns = {"dense": dense}
+    if kernel_available():
+        fns["kernel"] = lambda layer: paged_attention(q, *paged[layer], tables, rows, lens, scale, backend="kernel")
+    return time_ms(fns, args.layers, args.repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[32])
@@ -96,8 +132,23 @@ def main() -> None:
     parser.add_argument("--slot-len", type=int, default=2048, help="positions per slot of the slot cache (max_model_len)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-gather", action="store_true", help="skip the (slow) torch gather path")
+    parser.add_argument("--chunk", type=int, nargs="+", default=[],
+                        help="prefill chunks of these lengths, ending each context, instead of decodes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+
+    if args.chunk:
+        print(f"{args.dtype}, {args.threads} threads, heads {args.heads}/{args.kv_heads} kv, head_dim {args.head_dim}, "
+              f"block size {args.block_size}, {args.layers} layers; ms per layer call (median of {args.repeats})")
+        print(f"{'batch':>5} {'chunk':>5} {'context':>7} {'kernel':>8} {'dense':>8} {'dense/kernel':>12}")
+        for batch in args.batch:
+            for chunk in args.chunk:
+                for context in args.context:
+                    ms = run_chunk(batch, chunk, max(context, chunk), args)
+                    kernel = ms.get("kernel", float("nan"))
+                    print(f"{batch:>5} {chunk:>5} {context:>7} {kernel:>8.3f} {ms['dense']:>8.3f} "
+                          f"{ms['dense'] / kernel:>11.2f}x")
+        return
 
     print(f"{args.dtype}, {args.threads} threads, heads {args.heads}/{args.kv_heads} kv, head_dim {args.head_dim}, "
           f"block size {args.block_size}, {args.layers} layers; ms per layer call (median of {args.repeats})")

@@ -134,6 +134,17 @@ def test_prefill_chunk_is_causal(request, backend):
     assert not torch.allclose(out[1], pa.paged_attention(*full.args(), backend=backend)[1], atol=1e-3)
 
 
+@pytest.mark.parametrize("chunk", [2, 5, 11, 40, 100])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"h{s[0]}kv{s[1]}d{s[2]}")
+def test_chunks_of_several_rows_between_decodes(kernel, shape, chunk):
+    """The kernel's tiles: each row's chunk (tokens seeing positions up to their own, the
+    rows' tails poisoned) split into tiles of query vectors, next to lone decode tokens."""
+    rows = [chunk + 33, 70, chunk + 5]
+    chunks = [[(r, rows[r] - chunk + i + 1) for i in range(chunk)] for r in (0, 2)]
+    case = make_case(*shape, 16, rows, queries=chunks[0] + [(1, 70)] + chunks[1], tables="shared")
+    assert_matches(pa.paged_attention(*case.args(), backend="kernel"), case)
+
+
 @pytest.mark.parametrize("dtype, atol, rtol", [(torch.bfloat16, 1e-3, 2**-7), (torch.float16, 1e-4, 2**-10)])
 @pytest.mark.parametrize("backend", ["kernel", "torch"])
 def test_reduced_precision_caches(request, backend, dtype, atol, rtol):
@@ -141,7 +152,8 @@ def test_reduced_precision_caches(request, backend, dtype, atol, rtol):
     is float32 accumulation and the output's rounding to the dtype (half a unit in the last place)."""
     if backend == "kernel":
         request.getfixturevalue("kernel")
-    case = make_case(9, 3, 64, 16, CONTEXTS, dtype=dtype)
+    chunk = [(4, p + 1) for p in range(260, 300)]  # a chunk too: the kernel's tiles
+    case = make_case(9, 3, 64, 16, CONTEXTS, dtype=dtype, queries=[(r, c) for r, c in enumerate(CONTEXTS)] + chunk)
     assert_matches(pa.paged_attention(*case.args(), backend=backend), case, atol=atol, rtol=rtol)
 
 
@@ -223,3 +235,14 @@ def test_unknown_backend_is_rejected():
     case = make_case(4, 4, 32, 16, [5])
     with pytest.raises(ValueError, match="backend"):
         pa.paged_attention(*case.args(), backend="cuda")
+
+
+@pytest.mark.parametrize("backend, width, longest", [("kernel", 16, float("inf")), ("kernel", 8, 32), ("torch", 16, 1)])
+def test_chunks_attend_through_the_kernel_by_its_vector_width(monkeypatch, backend, width, longest):
+    """Chunks over cached positions use the kernel's tiles at any length where it is built for
+    AVX-512, only short ones on AVX2 (where SDPA won past that), and never the torch path."""
+    from aserve.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "attention_backend", lambda device: backend)
+    monkeypatch.setattr(cpu_kernels, "vector_width", lambda: width)
+    assert model_runner.paged_chunk_max(torch.device("cpu")) == longest

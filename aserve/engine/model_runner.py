@@ -1,5 +1,6 @@
 """Turns a scheduled step into tensors, runs the model and samples. Runs on the worker thread."""
 
+import math
 from collections.abc import Callable, Collection
 from collections.abc import Sequence as Seq
 import time
@@ -13,7 +14,9 @@ from aserve.engine.lora_slots import AdapterSlots
 from aserve.engine.sampler import TokenLogprobs, prompt_logprobs, sample
 from aserve.engine.scheduler import ScheduledSeq
 from aserve.models.batch import ForwardBatch, PrefillChunk
+from aserve.models import cpu_kernels
 from aserve.models.llama import LlamaModel
+from aserve.models.paged_attention import attention_backend
 from aserve.models.lora import load_into_slot
 
 
@@ -47,6 +50,7 @@ class ModelRunner:
         # Called with (scheduled, logits) after each forward: tests inject faults here (raise, or
         # write NaN into the logits) to check that only the affected requests fail.
         self.fault_hook: Callable[[Seq[ScheduledSeq], torch.Tensor], None] | None = None
+        self.paged_chunk_max = paged_chunk_max(device)
         self.generator = torch.Generator(device)
         if seed is None:
             self.generator.seed()
@@ -102,11 +106,11 @@ class ModelRunner:
         """Also returns, for each chunk that wants prompt logprobs, (its index, the prompt tokens
         its positions predict); their logits rows follow the sampling rows, in that order.
 
-        Decodes and short chunks go first and attend through the paged attention op; longer
+        Decodes and chunks the paged attention op serves (_is_paged) go first; the other
         chunks follow, each attended densely (batch.py)."""
         size = self.kv_cache.block_size
         as_tensor = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype).to(self.device, non_blocking=True)  # noqa: E731
-        is_paged = [_is_paged(item) for item in scheduled]
+        is_paged = [_is_paged(item, self.paged_chunk_max) for item in scheduled]
         order = sorted(range(len(scheduled)), key=lambda i: not is_paged[i])  # stable: paged first, in step order
         input_ids: list[int] = []
         positions: list[int] = []
@@ -170,14 +174,23 @@ class ModelRunner:
         ), prompt_rows
 
 
-# A prefill chunk this short, with keys already cached before it, attends through the paged
-# op like decodes do: gathering its whole context for SDPA would copy more than it computes.
-# Per layer on the 2-core AMD EPYC (AVX-512) of 2026-12-04, SmolLM2 shapes: at 32 tokens the
-# kernel took 0.9 / 2.6 / 5.9 ms at context 512 / 1,600 / 3,000 against 1.8 / 4.5 / 6.2 for
-# gather + SDPA; at 64 they were even (5.6 against 5.7 at 1,600; 10.5 against 9.3 at 3,000).
-PAGED_CHUNK_MAX = 32
+# A prefill chunk with positions cached before it attends through the paged kernel when it is
+# this short or the kernel's vectors are AVX-512 wide; longer ones gather their context for
+# SDPA. The kernel attends a chunk's tokens together, in tiles of small matrix products. Per
+# layer, bfloat16, SmolLM2 shapes, 16 sequences at context 1,600 (`python
+# bench/paged_attention.py --dtype bfloat16 --batch 1 16 --chunk 8 21 256 --context 1600`, the
+# 2-core AMD EPYC of 2026-12-04): built for AVX-512 it was 1.2-1.9x faster than gathering for
+# SDPA at every chunk length; built for AVX2 only (-march=haswell, with torch limited to AVX2
+# too), 1.1-1.4x faster up to 21 tokens and 0.6x at 256.
+PAGED_CHUNK_MAX_AVX2 = 32
 
 
-def _is_paged(item: ScheduledSeq) -> bool:
-    return item.num_tokens == 1 or (item.seq.num_computed > 0 and item.num_tokens <= PAGED_CHUNK_MAX)
+def paged_chunk_max(device: torch.device) -> float:
+    """The longest prefill chunk (over cached positions) that attends through the paged op."""
+    if attention_backend(device) != "kernel":
+        return 1  # the torch path copies the context once per token: chunks gather it once instead
+    return math.inf if cpu_kernels.vector_width() >= 16 else PAGED_CHUNK_MAX_AVX2
 
+
+def _is_paged(item: ScheduledSeq, chunk_max: float) -> bool:
+    return item.num_tokens == 1 or (item.seq.num_computed > 0 and item.num_tokens <= chunk_max)

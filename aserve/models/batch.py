@@ -2,10 +2,11 @@
 
 One forward handles a flat list of T tokens from many sequences. Each token's key/value is
 written at its position's place in the paged KV cache: block `token_blocks[t]`, offset
-`token_offsets[t]` (see engine/block_manager.py). The first P tokens, decodes and short
-prefill chunks, then attend through the paged attention op, each over its own sequence's
-block table up to its own position. The rest are longer prefill chunks, one contiguous run of
-prompt tokens per sequence, each attended with SDPA over its sequence's gathered blocks.
+`token_offsets[t]` (see engine/block_manager.py). The first P tokens, decodes and the prefill
+chunks the paged op serves (engine/model_runner.py's _is_paged), then attend through the paged
+attention op, each over its own sequence's block table up to its own position. The rest are
+prefill chunks, one contiguous run of prompt tokens per sequence, each attended with SDPA:
+over its own keys when nothing is cached before it, else over its sequence's gathered blocks.
 """
 
 from dataclasses import dataclass

@@ -116,3 +116,10 @@ def load() -> ModuleType | None:
 def kernel_available() -> bool:
     """Whether the CPU kernels are built and loaded (builds them on the first call)."""
     return load() is not None
+
+
+def vector_width() -> int:
+    """Floats per vector in the kernels' hot loops: 16 where they were built for AVX-512, else 8."""
+    module = load()
+    assert module is not None, "the CPU kernels are unavailable"
+    return module.vector_width()

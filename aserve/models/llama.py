@@ -93,7 +93,6 @@ class Attention(nn.Module):
                                       batch.context_lens, self.scale)
         offset = P
         for chunk in batch.prefills:
-            end = chunk.start + chunk.length
             rows = slice(offset, offset + chunk.length)
             qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
             if chunk.start == 0:
@@ -101,22 +100,31 @@ class Attention(nn.Module):
                 kp, vp = k[rows].transpose(0, 1).unsqueeze(0), v[rows].transpose(0, 1).unsqueeze(0)
                 op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=True)
             else:
-                # A later chunk of a long prompt: its sequence's blocks, gathered into one
-                # contiguous run (a copy of the context, cheap next to n tokens attending over it);
-                # token i sees every cached position up to start + i.
-                kp, vp = (_gather(cache, chunk.blocks, end) for cache in (k_cache, v_cache))
-                rows_pos = torch.arange(chunk.length, device=x.device).unsqueeze(1) + chunk.start
-                mask = torch.arange(end, device=x.device).unsqueeze(0) <= rows_pos
-                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale, enable_gqa=True)
+                op = chunk_attention(qp, k_cache, v_cache, chunk.blocks, chunk.start, self.scale)
             out[rows] = op[0].transpose(0, 1)
             offset += chunk.length
         return self.o_proj(out.view(T, -1))
 
 
+def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                    start: int, scale: float) -> torch.Tensor:
+    """A later chunk of a long prompt, q [1, heads, n, head_dim] at positions [start, start + n):
+    its sequence's `blocks` gathered into one contiguous run, then SDPA, token i seeing every
+    position up to start + i. Returns [1, heads, n, head_dim]."""
+    end = start + q.shape[2]
+    kp, vp = (_gather(cache, blocks, end) for cache in (k_cache, v_cache))
+    rows_pos = torch.arange(q.shape[2], device=q.device).unsqueeze(1) + start
+    mask = torch.arange(end, device=q.device).unsqueeze(0) <= rows_pos
+    return F.scaled_dot_product_attention(q, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
     """[1, kv_heads, length, head_dim]: positions [0, length) of a sequence held in `blocks`."""
     kv_heads, head_dim = cache.shape[1], cache.shape[3]
-    gathered = torch.index_select(cache.transpose(0, 1), 1, blocks)  # [kv_heads, n blocks, block_size, hd], contiguous
+    # Select the blocks first, then put kv heads first: index_select over the pool transposed
+    # would copy the whole pool (every block of the layer) to make it contiguous first, which
+    # cost 11.5 ms per call for a 2 GiB pool against 0.08 ms this way.
+    gathered = cache.index_select(0, blocks).transpose(0, 1).contiguous()  # [kv_heads, n blocks, block_size, hd]
     return gathered.view(kv_heads, -1, head_dim)[:, :length].unsqueeze(0)
 
 

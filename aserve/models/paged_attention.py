@@ -17,9 +17,9 @@ the torch path otherwise (CUDA tensors, or a
 machine where the build failed). The torch path is also the reference the kernel is tested
 against. bench/paged_attention.py compares both with the contiguous-slot layout.
 
-The kernel is made for decode. It also serves a prefill chunk (one query per token, each
-with its own context length), but it reads the context once per token there, where SDPA
-over a contiguous copy runs matrix products: 1.2-2x slower than that.
+The kernel also serves prefill chunks over cached positions (one query per token, each with
+its own context length): a run of tokens of one row is attended together, in tiles of up to
+32 query vectors (16 on AVX2), as small matrix products (csrc/paged_attention.cpp).
 """
 
 from __future__ import annotations

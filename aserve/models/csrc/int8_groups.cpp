@@ -13,49 +13,33 @@
 #endif
 
 #include "ops.h"
+#include "simd.h"
 
 namespace {
 
-constexpr int64_t kW = 16;
-typedef float Vec __attribute__((vector_size(kW * sizeof(float))));
+namespace simd = aserve::simd;
+
+using simd::hsum;
+using simd::kW;
+using simd::load;
+using simd::Vec;
 typedef int8_t Bytes __attribute__((vector_size(kW)));
-typedef float Vec8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float Vec4 __attribute__((vector_size(4 * sizeof(float))));
 
-inline Vec load(const float* p) {
-  Vec v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-
-// 16 int8 -> 16 floats. GCC turns __builtin_convertvector on these types into scalar code,
+// kW int8 -> kW floats. GCC turns __builtin_convertvector on these types into scalar code,
 // 4x slower than the widening instructions AVX-512 and AVX2 have for it.
 inline Vec load_int8(const int8_t* p) {
 #if defined(__AVX512F__)
   const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  Vec v;
-  __builtin_memcpy(&v, &f, sizeof v);
-  return v;
 #elif defined(__AVX2__)
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
-  Vec v;
-  __builtin_memcpy(&v, &lo, sizeof lo);
-  __builtin_memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
-  return v;
+  const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 #else
   Bytes b;
   __builtin_memcpy(&b, p, sizeof b);
-  return __builtin_convertvector(b, Vec);
+  const Vec f = __builtin_convertvector(b, Vec);
 #endif
-}
-
-inline float hsum(Vec v) {
-  const Vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const Vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
+  Vec v;
+  __builtin_memcpy(&v, &f, sizeof v);
+  return v;
 }
 
 constexpr int64_t kMaxRows = 8;  // rows of x per pass over a weight row
