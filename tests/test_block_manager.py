@@ -42,9 +42,41 @@ def test_a_prompt_that_starts_like_a_computed_one_shares_its_full_blocks():
 
 def test_the_last_prompt_token_is_always_computed():
     bm = BlockManager(8, 4)
-    _computed(bm, [1, 2, 3, 4, 5, 6, 7, 8])
+    first = _computed(bm, [1, 2, 3, 4, 5, 6, 7, 8])
     again = _seq([1, 2, 3, 4, 5, 6, 7, 8])
-    assert bm.allocate(again) and again.num_computed == 4  # its logits give the first token
+    assert bm.allocate(again) and again.num_computed == 7  # its logits give the first token
+    assert bm.take_copies() == [(first.block_table[1], again.block_table[1], 3)]
+
+
+def test_a_prompt_copies_what_it_shares_with_a_cached_block_past_its_full_ones():
+    bm = BlockManager(8, 4)
+    first = _computed(bm, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    second = _seq([1, 2, 3, 4, 5, 6, 99, 100, 101])
+    assert bm.allocate(second) and second.num_computed == 6
+    assert second.block_table[0] == first.block_table[0] and second.block_table[1] != first.block_table[1]
+    assert bm.take_copies() == [(first.block_table[1], second.block_table[1], 2)]  # positions 4 and 5
+    assert (bm.queries, bm.hits) == (18, 6)
+    assert bm.ref_counts[first.block_table[1]] == 1  # copied from, not shared
+
+
+def test_the_longest_matching_cached_block_is_copied():
+    bm = BlockManager(12, 4)
+    _computed(bm, [1, 2, 3, 4, 5, 0, 0, 0, 0], rid="a")
+    b = _computed(bm, [1, 2, 3, 4, 5, 6, 7, 0, 0], rid="b")
+    bm.take_copies()  # b's own copy of position 4 from a
+    c = _seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert bm.allocate(c) and c.num_computed == 7
+    assert bm.take_copies() == [(b.block_table[1], c.block_table[1], 3)]
+
+
+def test_no_partial_copy_across_cache_salts_or_after_eviction():
+    bm = BlockManager(3, 4)
+    bm.free(_computed(bm, [1, 2, 3, 4, 5, 6, 7, 8, 9], salt="adapter-a"))
+    other = _seq([1, 2, 3, 4, 5, 6, 0, 0, 0], salt="adapter-b")
+    assert bm.allocate(other) and other.num_computed == 0 and bm.take_copies() == []
+    bm.free(other)  # its three blocks were the whole pool: every named one was evicted
+    again = _seq([1, 2, 3, 4, 5, 6, 0], salt="adapter-a")
+    assert bm.allocate(again) and again.num_computed == 0 and bm.take_copies() == []
 
 
 def test_a_block_is_named_by_its_whole_prefix_not_its_own_tokens():

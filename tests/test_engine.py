@@ -372,8 +372,9 @@ async def test_prefix_cache_reuses_a_finished_requests_tokens_without_changing_t
     async with running_engine(tiny_llama_dir, max_num_seqs=2) as engine:
         await collect(engine, "t1", first_turn)
         cached = await collect(engine, "t2", second_turn)
-        # Whole 16-token blocks only: the third block of t1 went on with its output, not t2's tokens.
-        assert engine.stats()["prefix_cache_hits"] == 32
+        # Two whole 16-token blocks, and the 9 tokens t2's third block shares with t1's (which
+        # went on with t1's output), copied from it.
+        assert engine.stats()["prefix_cache_hits"] == 41
     assert cached == expected
 
 
@@ -384,10 +385,12 @@ async def test_a_prefix_held_by_a_running_request_is_shared_without_changing_the
         expected = await collect(engine, "b", second)
     async with running_engine(tiny_llama_dir, max_num_seqs=2) as engine:
         running = asyncio.create_task(collect(engine, "a", first, max_tokens=200))
-        await wait_until(lambda: engine.stats()["steps"] >= 2)  # "a" is decoding, its prompt cached
+        # "a" is decoding, its 44-token prompt and 4 tokens more computed: 3 full blocks named
+        await wait_until(lambda: engine.stats()["steps"] >= 5)
         copied = await collect(engine, "b", second)
         assert not running.done()  # "b" was admitted while "a" still held the prefix
-        assert engine.stats()["prefix_cache_hits"] == 32  # the system prompt's two full blocks
+        # The system prompt's two full blocks, and its last 9 tokens copied from a's third block.
+        assert engine.stats()["prefix_cache_hits"] == 41
         running.cancel()
     assert copied == expected
 
@@ -400,7 +403,7 @@ async def test_a_finished_requests_blocks_stay_cached_while_others_run(tiny_llam
         await collect(engine, "t1", history)
         await collect(engine, "other", PROMPTS[2])
         again = await collect(engine, "t2", resent)
-        assert engine.stats()["prefix_cache_hits"] == 32
+        assert engine.stats()["prefix_cache_hits"] == 41  # two full blocks, 9 tokens of t1's third
         # t1's 52 computed tokens fill 3 blocks, "other"'s 23 fill 1, t2's 54 add its third block.
         assert engine.stats()["kv_blocks_cached"] == 5
     assert again == expected

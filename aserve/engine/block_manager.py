@@ -15,13 +15,22 @@ it, until the block is handed out again: eviction is least recently freed first,
 unnamed blocks. A sequence frees its blocks last to first, so a prefix's tail is evicted
 before its head.
 
+Past its last fully cached block, a prompt usually shares a few more tokens with a block that
+is cached: 32 chats with one system prompt all continue its last, partly shared block with
+their own questions. Each named block is also indexed under its parent's name with its tokens,
+and a new sequence copies the leading positions it has in common with the best of its cached
+siblings into its own next block (keys and values at a position depend only on the tokens up
+to it), instead of computing them again. SGLang's radix cache shares at token granularity the
+same way; vLLM shares full blocks only.
+
 The hash is BLAKE2b, not Python's hash(): a crafted prompt must not be able to collide with
 another user's prefix and read its cached keys/values (vLLM's CVE-2025-25183).
 
 Copies between blocks (the partly filled last prompt block that an n>1 follower takes from
-its leader: copy on write) are queued here and run by the model runner on its own thread
-before the next forward, so no forward ever sees a half-copied block. Everything else here
-runs on the event loop, in the step coroutine.
+its leader: copy on write; the leading positions of a cached sibling block) are queued here
+and run by the model runner on its own thread, in order, before the next forward, so no
+forward ever sees a half-copied block. Everything else here runs on the event loop, in the
+step coroutine.
 """
 
 import hashlib
@@ -51,6 +60,9 @@ class BlockManager:
     # named ones least recently freed first.
     _free: OrderedDict[int, None] = field(init=False)
     _named: dict[bytes, int] = field(init=False, default_factory=dict)  # hash -> block id
+    # Named blocks under their parent's name, with their tokens: partial matches past a prefix.
+    _children: dict[bytes, dict[int, tuple[int, ...]]] = field(init=False, default_factory=dict)
+    _parent: dict[int, bytes] = field(init=False, default_factory=dict)  # named block -> its parent's name
     pending_copies: list[BlockCopy] = field(init=False, default_factory=list)
     # vLLM's prefix-cache counters, in tokens: looked up at admission, and found cached.
     queries: int = 0
@@ -87,7 +99,7 @@ class BlockManager:
         size = self.block_size
         # The last known token is always computed: its logits give the next token.
         usable = seq.num_tokens - 1
-        copy: tuple[int, int] | None = None  # (leader's block, positions) to copy into a new block
+        copy: tuple[int, int] | None = None  # (source block, leading positions) to copy into a new block
         if leader is not None:
             shared = leader.block_table[: usable // size]
             if usable % size:
@@ -96,6 +108,9 @@ class BlockManager:
         elif reuse and self.prefix_caching:
             shared = self._cached_prefix(seq, usable // size)
             cached = len(shared) * size
+            if cached < usable and (partial := self._cached_sibling(seq, len(shared), usable - cached)):
+                copy = partial
+                cached += partial[1]
         else:
             shared, cached = [], 0
         needed = self.blocks_for(seq.num_tokens) - len(shared)
@@ -125,14 +140,36 @@ class BlockManager:
             found.append(block)
         return found
 
+    def _cached_sibling(self, seq: Sequence, index: int, limit: int) -> tuple[int, int] | None:
+        """(a named block, positions) holding the longest run of `seq`'s tokens from block
+        `index` on, at most `limit`, after the same prefix; None when none shares a token."""
+        parent = self._hashes(seq, index)[-1] if index else self._root(seq)
+        if not (siblings := self._children.get(parent)):
+            return None
+        size = self.block_size
+        wanted = seq.tokens(index * size, index * size + min(limit, size))
+        best: tuple[int, int] | None = None
+        for block, tokens in siblings.items():
+            common = 0
+            while common < len(wanted) and tokens[common] == wanted[common]:
+                common += 1
+            if common and (best is None or common > best[1]):
+                best = (block, common)
+        return best
+
+    @staticmethod
+    def _root(seq: Sequence) -> bytes:
+        """The parent name of a sequence's first block. The salt enters hashed, so no salt can
+        pose as another chain's parent digest."""
+        return block_hash(seq.cache_salt.encode(), ())
+
     def _hashes(self, seq: Sequence, count: int) -> list[bytes]:
         """The names of `seq`'s first `count` full blocks (computed once per sequence)."""
         size = self.block_size
         hashes = seq.block_hashes
         while len(hashes) < count:
             i = len(hashes)
-            # The salt enters hashed, so no salt can pose as another chain's parent digest.
-            parent = hashes[-1] if hashes else block_hash(seq.cache_salt.encode(), ())
+            parent = hashes[-1] if hashes else self._root(seq)
             hashes.append(block_hash(parent, seq.tokens(i * size, (i + 1) * size)))
         return hashes[:count]
 
@@ -156,11 +193,16 @@ class BlockManager:
         full = seq.num_computed // self.block_size
         if full <= seq.num_named_blocks:
             return
-        for i, h in enumerate(self._hashes(seq, full)[seq.num_named_blocks :], seq.num_named_blocks):
-            block = seq.block_table[i]
+        hashes = self._hashes(seq, full)
+        size = self.block_size
+        for i in range(seq.num_named_blocks, full):
+            block, h = seq.block_table[i], hashes[i]
             if h not in self._named and self.names[block] is None:
                 self._named[h] = block
                 self.names[block] = h
+                parent = hashes[i - 1] if i else self._root(seq)
+                self._children.setdefault(parent, {})[block] = tuple(seq.tokens(i * size, (i + 1) * size))
+                self._parent[block] = parent
         seq.num_named_blocks = full
 
     def free(self, seq: Sequence) -> None:
@@ -188,6 +230,11 @@ class BlockManager:
         if (name := self.names[block]) is not None:  # evicted: its old prefix can no longer be found
             del self._named[name]
             self.names[block] = None
+            parent = self._parent.pop(block)
+            siblings = self._children[parent]
+            del siblings[block]
+            if not siblings:
+                del self._children[parent]
         self.ref_counts[block] = 1
         return block
 
