@@ -173,6 +173,7 @@ def test_stale_values_outside_contexts_never_leak(request, backend, poison):
     assert_matches(out, poisoned)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_auto_uses_the_torch_path_on_cuda(dtype):

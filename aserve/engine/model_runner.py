@@ -51,6 +51,7 @@ class ModelRunner:
         # write NaN into the logits) to check that only the affected requests fail.
         self.fault_hook: Callable[[Seq[ScheduledSeq], torch.Tensor], None] | None = None
         self.paged_chunk_max = paged_chunk_max(device)
+        self.h2d = HostToDevice(device)
         self.generator = torch.Generator(device)
         if seed is None:
             self.generator.seed()
@@ -109,7 +110,6 @@ class ModelRunner:
         Decodes and chunks the paged attention op serves (_is_paged) go first; the other
         chunks follow, each attended densely (batch.py)."""
         size = self.kv_cache.block_size
-        as_tensor = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype).to(self.device, non_blocking=True)  # noqa: E731
         is_paged = [_is_paged(item, self.paged_chunk_max) for item in scheduled]
         order = sorted(range(len(scheduled)), key=lambda i: not is_paged[i])  # stable: paged first, in step order
         input_ids: list[int] = []
@@ -120,7 +120,7 @@ class ModelRunner:
         block_tables: list[list[int]] = []
         query_rows: list[int] = []
         context_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
+        dense: list[tuple[list[int], int, int]] = []  # (blocks, start, length) of the chunks attended densely
         for index in order:
             item = scheduled[index]
             seq, start = item.seq, item.seq.num_computed
@@ -136,8 +136,7 @@ class ModelRunner:
                 context_lens.extend(range(span.start + 1, span.stop + 1))
                 block_tables.append(seq.block_table)
             else:
-                table = seq.block_table[: self.blocks.blocks_for(span.stop)]
-                prefills.append(PrefillChunk(as_tensor(table), start, item.num_tokens))
+                dense.append((seq.block_table[: self.blocks.blocks_for(span.stop)], start, item.num_tokens))
         logits_indices: list[int] = []
         pooling_indices: list[int] = []
         prompt_indices: list[int] = []
@@ -157,20 +156,24 @@ class ModelRunner:
                     prompt_indices.extend(range(first + skip, first + skip + len(predicts)))
                     prompt_rows.append((index, predicts))
         width = max((len(t) for t in block_tables), default=0)
-        padded = [t + [0] * (width - len(t)) for t in block_tables]  # padding is never read
-        token_positions = torch.tensor(positions, dtype=torch.long)
+        padded = [b for t in block_tables for b in t + [0] * (width - len(t))]  # padding is never read
+        with_lora = any(slot >= 0 for slot in lora_slots)
+        (ids, pos, blocks, tables, rows, lens, logits_at, lora, pooling, *chunk_blocks) = self.h2d.send(
+            [input_ids, positions, token_blocks, padded, query_rows, context_lens, logits_indices + prompt_indices,
+             lora_slots if with_lora else [], pooling_indices, *(blocks for blocks, _, _ in dense)])
+        int32 = torch.int32
         return ForwardBatch(
-            input_ids=as_tensor(input_ids),
-            positions=token_positions.to(self.device, non_blocking=True),
-            token_blocks=as_tensor(token_blocks),
-            token_offsets=(token_positions % size).to(self.device, non_blocking=True),
-            block_tables=as_tensor(padded, torch.int32).view(len(padded), width),
-            query_rows=as_tensor(query_rows, torch.int32),
-            context_lens=as_tensor(context_lens, torch.int32),
-            prefills=prefills,
-            logits_indices=as_tensor(logits_indices + prompt_indices),
-            lora_slots=as_tensor(lora_slots) if any(slot >= 0 for slot in lora_slots) else None,
-            pooling_indices=as_tensor(pooling_indices) if pooling_indices else None,
+            input_ids=ids,
+            positions=pos,
+            token_blocks=blocks,
+            token_offsets=pos % size,
+            block_tables=tables.to(int32).view(len(block_tables), width),
+            query_rows=rows.to(int32),
+            context_lens=lens.to(int32),
+            prefills=[PrefillChunk(b, start, length) for b, (_, start, length) in zip(chunk_blocks, dense)],
+            logits_indices=logits_at,
+            lora_slots=lora if with_lora else None,
+            pooling_indices=pooling if pooling_indices else None,
         ), prompt_rows
 
 
@@ -183,6 +186,35 @@ class ModelRunner:
 # SDPA at every chunk length; built for AVX2 only (-march=haswell, with torch limited to AVX2
 # too), 1.1-1.4x faster up to 21 tokens and 0.6x at 256.
 PAGED_CHUNK_MAX_AVX2 = 32
+
+
+class HostToDevice:
+    """A step's index tensors travel together: packed into one host buffer, copied in one
+    non-blocking transfer, split into views on the device. On CUDA the buffer is pinned and
+    reused, so the copy is one DMA that does not stall the host (pageable memory would be staged
+    through a bounce buffer, one small synchronous copy per list). On the CPU the views are of
+    the host tensor itself: no copy at all."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pinned: torch.Tensor | None = None
+        self._sent: torch.cuda.Event | None = None  # recorded after the last copy out of _pinned
+
+    def send(self, parts: list[list[int]]) -> list[torch.Tensor]:
+        flat = torch.tensor([x for part in parts for x in part], dtype=torch.long)
+        if self.device.type == "cuda":
+            if self._sent is not None:
+                self._sent.synchronize()  # the last copy has read the buffer (a failed step never synced)
+            if self._pinned is None or self._pinned.numel() < flat.numel():
+                self._pinned = torch.empty(max(flat.numel(), 4096), dtype=torch.long, pin_memory=True)
+            staged = self._pinned[: flat.numel()]
+            staged.copy_(flat)
+            flat = staged.to(self.device, non_blocking=True)
+            self._sent = torch.cuda.Event()
+            self._sent.record()
+        elif self.device.type != "cpu":
+            flat = flat.to(self.device)
+        return list(flat.split([len(part) for part in parts]))
 
 
 def paged_chunk_max(device: torch.device) -> float:
