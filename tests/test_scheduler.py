@@ -161,6 +161,16 @@ def test_a_long_prompt_gets_only_the_capped_share_while_others_decode():
                       [("long", 16)]]  # "short" has finished: nobody decodes, the whole budget again
 
 
+def test_a_long_prompt_stays_capped_to_its_last_chunk_while_others_decode():
+    s = _scheduler(seqs=2, budget=16, prefill_budget_while_decoding=4)
+    short = Sequence("short", [10, 11], SamplingParams(max_tokens=50, temperature=0))
+    s.add(short)
+    _step(s)
+    s.add(_seq("long", prompt_len=20))  # 16 left after its first chunk: still a long prompt
+    chunks = [[(i.seq.request_id, i.num_tokens) for i in _step(s)[0]] for _ in range(5)]
+    assert chunks == [[("short", 1), ("long", 4)]] * 5
+
+
 def test_a_short_prompt_is_not_capped_while_others_decode():
     s = _scheduler(seqs=2, budget=16, prefill_budget_while_decoding=4)
     a, b = _seq("a", prompt_len=4), _seq("b", prompt_len=12)

@@ -5,9 +5,9 @@ goes to prompt prefill, in chunks, so a long prompt can never stall the running 
 more than one bounded step. The budget counts work, not just tokens: a prompt token late in
 a long prompt attends over everything before it, so it costs more, and chunks shrink as the
 prompt's context grows. A long prompt (more uncached tokens than one step's budget) can be
-held to a smaller share while other streams decode (`prefill_budget_while_decoding`): the
-running streams then see many short stalls instead of a few long ones, and the long prompt
-waits longer for its first token.
+held to a smaller share while other streams decode (`prefill_budget_while_decoding`), to its
+last chunk: the running streams then see many short stalls instead of a few long ones, and the
+long prompt waits longer for its first token.
 
 Memory is paged (block_manager.py). A waiting request is admitted, first come first served,
 while fewer than `max_num_seqs` run and the free blocks hold its prompt; otherwise it waits
@@ -186,7 +186,11 @@ class Scheduler:
     def _prefill_chunk(self, seq: Sequence, budget: float, first: bool, decoding: bool) -> ScheduledSeq | None:
         cap = self.prefill_budget_while_decoding
         # A preempted stream resuming is not held back: its client is already waiting mid-answer.
-        if cap and decoding and not seq.output_ids and seq.num_tokens - seq.num_computed > self.max_num_batched_tokens:
+        # A long prompt is one whose uncached part was longer than a step's budget at admission:
+        # it stays capped to its last chunk, which would otherwise stall the others for a whole
+        # step over its longest context (760 ms with 4,000 tokens on the 2-core EPYC).
+        long = seq.num_tokens - seq.num_cached_prompt > self.max_num_batched_tokens
+        if cap and decoding and not seq.output_ids and long:
             budget = min(budget, float(cap))
         # The largest n with prefill_cost(start, n) <= budget: a n^2 + b n - budget <= 0.
         a, b = self._attention_weight, 1.0 + seq.num_computed * self._attention_weight
