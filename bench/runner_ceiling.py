@@ -74,7 +74,9 @@ def weight_bytes(model: torch.nn.Module, batch: int) -> int:
             total += size(dense.parameters()) + size(dense.buffers()) + size(attributes)
             total += size(t for name, t in module.named_parameters(recurse=False) if name == "bias")
         else:
-            total += size(module.parameters(recurse=False)) + size(module.buffers(recurse=False))
+            # A weight may be a plain tensor attribute (OneDNNLinear's prepacked one, and its bias).
+            plain = (t for t in vars(module).values() if isinstance(t, torch.Tensor) and module is not model)
+            total += size(module.parameters(recurse=False)) + size(module.buffers(recurse=False)) + size(plain)
     embed = model.embed_tokens.weight
     tied = getattr(model.lm_head, "weight", None) is embed
     return total - (0 if tied else embed.numel() * embed.element_size())
@@ -87,11 +89,13 @@ def kv_bytes(loaded: LoadedModel, batch: int, context: int) -> int:
 
 
 def copy_gbps(device: torch.device, size: int = 1 << 30) -> float:
-    """A device-to-device copy's rate, bytes read and written, GB/s (the best of 5)."""
+    """A device-to-device copy's rate, bytes read and written, GB/s (the best of 5, after one
+    untimed)."""
     src = torch.empty(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
+    dst.copy_(src)
     best = float("inf")
-    for _ in range(6):
+    for _ in range(5):
         torch.cuda.synchronize(device)
         start = time.perf_counter()
         dst.copy_(src)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from aserve.engine.block_manager import BlockManager, block_hash
+from aserve.engine.block_manager import MAX_SIBLINGS_SCANNED, BlockManager, block_hash
 from aserve.engine.kv_cache import KVCache, parse_bytes
 from aserve.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from aserve.models.llama import ModelArgs
@@ -55,8 +55,9 @@ def test_a_prompt_copies_what_it_shares_with_a_cached_block_past_its_full_ones()
     assert bm.allocate(second) and second.num_computed == 6
     assert second.block_table[0] == first.block_table[0] and second.block_table[1] != first.block_table[1]
     assert bm.take_copies() == [(first.block_table[1], second.block_table[1], 2)]  # positions 4 and 5
-    assert (bm.queries, bm.hits) == (18, 6)
     assert bm.ref_counts[first.block_table[1]] == 1  # copied from, not shared
+    # Reported in whole blocks only: a count moving by one token would confirm a guessed token.
+    assert (bm.queries, bm.hits, bm.copied, second.num_cached_prompt) == (18, 4, 2, 4)
 
 
 def test_the_longest_matching_cached_block_is_copied():
@@ -67,6 +68,18 @@ def test_the_longest_matching_cached_block_is_copied():
     c = _seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
     assert bm.allocate(c) and c.num_computed == 7
     assert bm.take_copies() == [(b.block_table[1], c.block_table[1], 3)]
+
+
+def test_only_the_most_recent_siblings_are_compared():
+    bm = BlockManager(2 * MAX_SIBLINGS_SCANNED + 8, 4)
+    old = _computed(bm, [1, 7, 8, 9, 0], rid="old")  # its first block shares 3 tokens with the new prompt's
+    for i in range(MAX_SIBLINGS_SCANNED):
+        _computed(bm, [1, 100 + i, 0, 0, 0], rid=f"s{i}")  # newer first blocks sharing 1 token
+    bm.take_copies()
+    new = _seq([1, 7, 8, 5, 0])
+    assert bm.allocate(new) and new.num_computed == 1  # [1] from the newest, not [1, 7, 8] from the oldest
+    (source, _, count), = bm.take_copies()
+    assert source != old.block_table[0] and count == 1
 
 
 def test_no_partial_copy_across_cache_salts_or_after_eviction():

@@ -1,4 +1,4 @@
-"""The CUDA path, on a GPU (marker `cuda`; skipped where torch sees none). `bash bench/gpu_check.sh`
+"""The CUDA path, on a GPU (marker `cuda`; skipped where torch sees none). `bash deploy/gpu/check.sh`
 runs these with the paged-attention CUDA test and the 1B-shape benchmark as one run on a lent
 GPU machine. Each compares CUDA with what the CPU path computes, or checks what must hold on
 any device."""
@@ -77,7 +77,9 @@ async def test_the_engine_samples_on_cuda_in_bfloat16(tiny_llama_dir):
     """Seeded sampling (top-p, top-k, penalties) is reproducible, logprobs are real
     log-probabilities, and a JSON-schema grammar's mask holds: all of it on the device."""
     config = load_config(None, {"model": {"path": str(tiny_llama_dir), "device": "cuda", "dtype": "bfloat16",
-                                          "max_model_len": 256}, "engine": {"seed": 0}})
+                                          "max_model_len": 256},
+                                # The second request must compute what the first did, not copy its cached keys.
+                                "engine": {"seed": 0, "enable_prefix_caching": False}})
     state = build_state(config)
     engine = state.engine
     assert engine.runner.device.type == "cuda"

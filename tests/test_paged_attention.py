@@ -238,12 +238,15 @@ def test_unknown_backend_is_rejected():
         pa.paged_attention(*case.args(), backend="cuda")
 
 
-@pytest.mark.parametrize("backend, width, longest", [("kernel", 16, float("inf")), ("kernel", 8, 32), ("torch", 16, 1)])
-def test_chunks_attend_through_the_kernel_by_its_vector_width(monkeypatch, backend, width, longest):
+@pytest.mark.parametrize("backend, width, head_dim, longest", [
+    ("kernel", 16, 64, float("inf")), ("kernel", 8, 64, 32), ("kernel", 16, 40, 1), ("kernel", 8, 40, 32),
+    ("kernel", 8, 36, 1), ("torch", 16, 64, 1)])
+def test_chunks_attend_through_the_kernel_by_its_vector_width(monkeypatch, backend, width, head_dim, longest):
     """Chunks over cached positions use the kernel's tiles at any length where it is built for
-    AVX-512, only short ones on AVX2 (where SDPA won past that), and never the torch path."""
+    AVX-512, only short ones on AVX2 (where SDPA won past that), none where the head size is not
+    whole vectors (no tiles), and never the torch path."""
     from aserve.engine import model_runner
 
     monkeypatch.setattr(model_runner, "attention_backend", lambda device: backend)
     monkeypatch.setattr(cpu_kernels, "vector_width", lambda: width)
-    assert model_runner.paged_chunk_max(torch.device("cpu")) == longest
+    assert model_runner.paged_chunk_max(torch.device("cpu"), head_dim) == longest

@@ -21,7 +21,10 @@ their own questions. Each named block is also indexed under its parent's name wi
 and a new sequence copies the leading positions it has in common with the best of its cached
 siblings into its own next block (keys and values at a position depend only on the tokens up
 to it), instead of computing them again. SGLang's radix cache shares at token granularity the
-same way; vLLM shares full blocks only.
+same way; vLLM shares full blocks only. Copied positions are not reported as cached (not in
+`hits`, nor in a request's cached_tokens): a count that moved by one token would tell a client
+whether its guess of the next token matches another user's cached prompt, one token at a
+time. Whole blocks are reported, as before (OpenAI reports in steps of 128 tokens).
 
 The hash is BLAKE2b, not Python's hash(): a crafted prompt must not be able to collide with
 another user's prefix and read its cached keys/values (vLLM's CVE-2025-25183).
@@ -34,6 +37,7 @@ step coroutine.
 """
 
 import hashlib
+import itertools
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
@@ -42,6 +46,8 @@ from dataclasses import dataclass, field
 from aserve.engine.sequence import Sequence
 
 BlockCopy = tuple[int, int, int]  # (source block, destination block, leading positions to copy)
+
+MAX_SIBLINGS_SCANNED = 256  # cached blocks after one parent compared with a new prompt's next block
 
 
 def block_hash(parent: bytes, tokens: Seq[int]) -> bytes:
@@ -67,6 +73,7 @@ class BlockManager:
     # vLLM's prefix-cache counters, in tokens: looked up at admission, and found cached.
     queries: int = 0
     hits: int = 0
+    copied: int = 0  # prompt positions copied from cached siblings past the hits (not reported to clients)
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.block_size < 1:
@@ -100,6 +107,7 @@ class BlockManager:
         # The last known token is always computed: its logits give the next token.
         usable = seq.num_tokens - 1
         copy: tuple[int, int] | None = None  # (source block, leading positions) to copy into a new block
+        reported = 0  # cached positions a client is told of: whole blocks found by name
         if leader is not None:
             shared = leader.block_table[: usable // size]
             if usable % size:
@@ -108,6 +116,7 @@ class BlockManager:
         elif reuse and self.prefix_caching:
             shared = self._cached_prefix(seq, usable // size)
             cached = len(shared) * size
+            reported = cached
             if cached < usable and (partial := self._cached_sibling(seq, len(shared), usable - cached)):
                 copy = partial
                 cached += partial[1]
@@ -125,10 +134,13 @@ class BlockManager:
         # Shared full blocks are named already (by the leader, or they were found by name).
         seq.num_named_blocks = len(shared) if self.prefix_caching else 0
         seq.num_computed = cached
-        if reuse and leader is None and self.prefix_caching and not seq.num_preemptions:
+        if not seq.num_preemptions:
             # A preempted sequence finding its own blocks again is not a prefix-cache hit.
-            self.queries += seq.num_tokens
-            self.hits += cached
+            seq.num_cached_prompt = cached if leader is not None else reported
+            if reuse and leader is None and self.prefix_caching:
+                self.queries += seq.num_tokens
+                self.hits += reported
+                self.copied += cached - reported
         return True
 
     def _cached_prefix(self, seq: Sequence, max_blocks: int) -> list[int]:
@@ -149,12 +161,17 @@ class BlockManager:
         size = self.block_size
         wanted = seq.tokens(index * size, index * size + min(limit, size))
         best: tuple[int, int] | None = None
-        for block, tokens in siblings.items():
+        # The most recently named first, and a bounded number: every chat's first block is a
+        # child of the same root, and this runs on the event loop at each admission.
+        for block in itertools.islice(reversed(siblings), MAX_SIBLINGS_SCANNED):
+            tokens = siblings[block]
             common = 0
             while common < len(wanted) and tokens[common] == wanted[common]:
                 common += 1
             if common and (best is None or common > best[1]):
                 best = (block, common)
+                if common == len(wanted):
+                    break
         return best
 
     @staticmethod

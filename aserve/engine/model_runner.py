@@ -50,7 +50,7 @@ class ModelRunner:
         # Called with (scheduled, logits) after each forward: tests inject faults here (raise, or
         # write NaN into the logits) to check that only the affected requests fail.
         self.fault_hook: Callable[[Seq[ScheduledSeq], torch.Tensor], None] | None = None
-        self.paged_chunk_max = paged_chunk_max(device)
+        self.paged_chunk_max = paged_chunk_max(device, model.args.head_dim)
         self.h2d = HostToDevice(device)
         self.generator = torch.Generator(device)
         if seed is None:
@@ -211,17 +211,20 @@ class HostToDevice:
             staged.copy_(flat)
             flat = staged.to(self.device, non_blocking=True)
             self._sent = torch.cuda.Event()
-            self._sent.record()
+            self._sent.record(torch.cuda.current_stream(self.device))
         elif self.device.type != "cpu":
             flat = flat.to(self.device)
         return list(flat.split([len(part) for part in parts]))
 
 
-def paged_chunk_max(device: torch.device) -> float:
+def paged_chunk_max(device: torch.device, head_dim: int) -> float:
     """The longest prefill chunk (over cached positions) that attends through the paged op."""
     if attention_backend(device) != "kernel":
         return 1  # the torch path copies the context once per token: chunks gather it once instead
-    return math.inf if cpu_kernels.vector_width() >= 16 else PAGED_CHUNK_MAX_AVX2
+    width = cpu_kernels.vector_width()
+    if head_dim % width:
+        return 1  # no tiles for this head size: the kernel would read the context once per token
+    return math.inf if width >= 16 else PAGED_CHUNK_MAX_AVX2
 
 
 def _is_paged(item: ScheduledSeq, chunk_max: float) -> bool:

@@ -158,8 +158,6 @@ class Scheduler:
         if not self.blocks.allocate(seq, reuse, seq.leader, self.watermark if self.running else 0):
             self._release_lora(seq)
             return False
-        if seq.num_preemptions == 0:
-            seq.num_cached_prompt = seq.num_computed
         seq.wait_for = None  # from now on its tokens are its own
         self.waiting.remove(seq)
         seq.status = SequenceStatus.RUNNING

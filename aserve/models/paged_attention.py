@@ -47,8 +47,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (padding: any valid block id). query_rows, context_lens: int32 [T]; a prefill chunk gives
     each of its tokens context_len = its position + 1. Query head h reads kv head
     h // (num_heads // num_kv_heads). Returns [T, num_heads, head_dim] in q's dtype;
-    scores, softmax and sums are float32. Positions past a context and blocks outside it
-    never affect the result, whatever they hold.
+    scores, softmax and sums are float32. Positions past every context of a row and blocks
+    outside them never affect the result, whatever they hold. (Within a prefill chunk, a
+    position one token may not see but a later token of the chunk does is weighed 0 for the
+    first; a NaN or inf value there reaches both in the kernel.)
 
     backend: "auto" (the kernel for CPU tensors when it builds), "kernel" (raises if it
     cannot build) or "torch".

@@ -99,7 +99,7 @@ at::Tensor int8_group_mm(const at::Tensor& x_in, const at::Tensor& q_in, const a
   TORCH_CHECK(q_in.scalar_type() == at::kChar && scales_in.scalar_type() == at::kFloat,
               "q must be int8 and scales float32");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = q_in.size(0);
-  TORCH_CHECK(group > 0 && group % kW == 0 && K % group == 0, "the group must be a multiple of 16 dividing K");
+  TORCH_CHECK(group > 0 && group % 16 == 0 && K % group == 0, "the group must be a multiple of 16 dividing K");
   TORCH_CHECK(q_in.size(1) == K && scales_in.size(0) == N && scales_in.size(1) == K / group,
               "q must be [N, K] and scales [N, K / group] for x [M, K]");
   const at::Tensor x = x_in.to(at::kFloat).contiguous(), q = q_in.contiguous(), scales = scales_in.contiguous();

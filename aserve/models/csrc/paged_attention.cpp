@@ -21,7 +21,8 @@
 // Nothing outside [0, context_len) is ever loaded (only prefetched, within the context's
 // blocks), so stale NaN/inf in reused blocks cannot leak in. A tile reads its row up to its
 // longest context: positions its shorter tokens must not see are in that row's context (the
-// chunk's own keys) and are weighed exactly 0.
+// chunk's own keys and values), weighed exactly 0, but a NaN or inf value there would still
+// reach them (0 * inf): the same values reach the tile's longest token anyway.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
