@@ -40,7 +40,8 @@ echo "== 3. server, 32 streams" | tee "$OUT/server.txt"
 "$PY" -m aserve serve --model "$MODEL" --load-format dummy --device "$DEVICE" --dtype bfloat16 --port 8477 \
   --max-model-len 4096 > "$OUT/server.log" 2>&1 &
 server=$!
-for _ in $(seq 240); do curl -sf http://127.0.0.1:8477/health >/dev/null && break; sleep 0.5; done
+ready() { "$PY" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8477/health', timeout=2)" 2>/dev/null; }
+for _ in $(seq 240); do ready && break; sleep 0.5; done
 "$PY" bench/load.py --url http://127.0.0.1:8477 --concurrency ${STREAMS:-32} --requests ${REQUESTS:-96} \
   --max-tokens 128 --ignore-eos 2>&1 | tee -a "$OUT/server.txt" || status=1
 kill -TERM $server; wait $server
