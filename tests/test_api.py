@@ -887,6 +887,37 @@ async def test_non_stream_client_timing_out_aborts_its_request(cjk_server, clien
     assert stats["steps"] - before < 100, "the request ran on after its client left"
 
 
+async def test_a_cancellation_that_lands_as_an_output_arrives_still_ends_the_request():
+    """The handler of a client that left is cancelled: even when that happens in the same loop
+    iteration as an output arriving, the merged stream ends and closes its engine stream (which
+    aborts the request). asyncio.wait_for on Python 3.11 swallowed exactly this cancellation."""
+    from aserve.server.generation import _merge
+
+    arrived, closed = asyncio.Event(), asyncio.Event()
+
+    async def stream():
+        try:
+            while True:
+                await arrived.wait()
+                arrived.clear()
+                yield "token"
+        finally:
+            closed.set()
+
+    async def handler():
+        async for _ in _merge([stream()], heartbeat=5.0):
+            pass
+
+    task = asyncio.create_task(handler())
+    await asyncio.sleep(0.01)  # the handler waits for the first output
+    arrived.set()
+    await asyncio.sleep(0)  # the stream's pump takes it and queues it for the handler...
+    task.cancel()  # ...and the client leaves in the same iteration
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2.0)
+    assert closed.is_set()
+
+
 async def test_client_leaving_while_queued_is_dropped_from_the_queue(cjk_server, client, monkeypatch):
     slow_engine(cjk_server.state, monkeypatch, 0.01)
     await wait_until_idle(client, cjk_server)

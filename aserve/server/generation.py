@@ -207,7 +207,11 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]], heartbeat: float |
                 wait = min(wait or left, left)
             try:
                 # Cancelling a queue.get() on timeout loses nothing, unlike cancelling a stream.
-                index, item = await asyncio.wait_for(queue.get(), wait)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+                # that lands as the item arrives, and the handler of a client that left then
+                # ran its request to the end.
+                async with asyncio.timeout(wait):
+                    index, item = await queue.get()
             except TimeoutError:
                 if heartbeat and (deadline is None or deadline > time.monotonic()):
                     yield HEARTBEAT, None
