@@ -55,18 +55,27 @@ def time_ms(fns: dict[str, Callable[[int], object]], layers: int, repeats: int) 
     return {name: statistics.median(times[1:]) for name, times in samples.items()}
 
 
-def run(batch: int, context: int, args: argparse.Namespace) -> dict[str, float]:
+def paged_case(batch: int, context: int, queries: int, args: argparse.Namespace,
+               gen: torch.Generator) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """`queries` query tokens, and per layer a paged cache holding `batch` rows of `context`
+    positions whose block tables are shuffled: (q, [(k_cache, v_cache)] * layers, tables)."""
     dtype = getattr(torch, args.dtype)
-    heads, kv_heads, head_dim, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
-    group, scale = heads // kv_heads, head_dim ** -0.5
+    kv_heads, head_dim, bs = args.kv_heads, args.head_dim, args.block_size
     blocks_per_row = -(-context // bs)
     num_blocks = batch * blocks_per_row
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(batch, heads, head_dim, generator=gen).to(dtype)
-
+    q = torch.randn(queries, args.heads, head_dim, generator=gen).to(dtype)
     paged = [(torch.randn(num_blocks, kv_heads, bs, head_dim, generator=gen).to(dtype),
               torch.randn(num_blocks, kv_heads, bs, head_dim, generator=gen).to(dtype)) for _ in range(args.layers)]
     tables = torch.randperm(num_blocks, generator=gen).view(batch, blocks_per_row).to(torch.int32)
+    return q, paged, tables
+
+
+def run(batch: int, context: int, args: argparse.Namespace) -> dict[str, float]:
+    dtype = getattr(torch, args.dtype)
+    heads, kv_heads, head_dim = args.heads, args.kv_heads, args.head_dim
+    group, scale = heads // kv_heads, head_dim ** -0.5
+    gen = torch.Generator().manual_seed(0)
+    q, paged, tables = paged_case(batch, context, batch, args, gen)
     rows = torch.arange(batch, dtype=torch.int32)
     lens = torch.full((batch,), context, dtype=torch.int32)
 
@@ -93,19 +102,11 @@ def run(batch: int, context: int, args: argparse.Namespace) -> dict[str, float]:
 
 
 def run_chunk(batch: int, chunk: int, context: int, args: argparse.Namespace) -> dict[str, float]:
-    dtype = getattr(torch, args.dtype)
-    heads, kv_heads, head_dim, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
-    blocks_per_row = -(-context // bs)
-    num_blocks = batch * blocks_per_row
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(batch * chunk, heads, head_dim, generator=gen).to(dtype)
-    paged = [(torch.randn(num_blocks, kv_heads, bs, head_dim, generator=gen).to(dtype),
-              torch.randn(num_blocks, kv_heads, bs, head_dim, generator=gen).to(dtype)) for _ in range(args.layers)]
-    tables = torch.randperm(num_blocks, generator=gen).view(batch, blocks_per_row).to(torch.int32)
+    q, paged, tables = paged_case(batch, context, batch * chunk, args, torch.Generator().manual_seed(0))
     rows = torch.arange(batch, dtype=torch.int32).repeat_interleave(chunk)
     lens = torch.arange(context - chunk + 1, context + 1, dtype=torch.int32).repeat(batch)
     long_tables = tables.long()
-    scale = head_dim ** -0.5
+    scale = args.head_dim ** -0.5
 
     def dense(layer: int) -> list[torch.Tensor]:
         k_cache, v_cache = paged[layer]
@@ -137,9 +138,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    print(f"{args.dtype}, {args.threads} threads, heads {args.heads}/{args.kv_heads} kv, head_dim {args.head_dim}, "
+          f"block size {args.block_size}, {args.layers} layers; ms per layer call (median of {args.repeats})")
     if args.chunk:
-        print(f"{args.dtype}, {args.threads} threads, heads {args.heads}/{args.kv_heads} kv, head_dim {args.head_dim}, "
-              f"block size {args.block_size}, {args.layers} layers; ms per layer call (median of {args.repeats})")
         print(f"{'batch':>5} {'chunk':>5} {'context':>7} {'kernel':>8} {'dense':>8} {'dense/kernel':>12}")
         for batch in args.batch:
             for chunk in args.chunk:
@@ -150,8 +151,6 @@ def main() -> None:
                           f"{ms['dense'] / kernel:>11.2f}x")
         return
 
-    print(f"{args.dtype}, {args.threads} threads, heads {args.heads}/{args.kv_heads} kv, head_dim {args.head_dim}, "
-          f"block size {args.block_size}, {args.layers} layers; ms per layer call (median of {args.repeats})")
     print(f"{'batch':>5} {'context':>7} {'kernel':>8} {'gather':>8} {'slot':>8} {'slot/kernel':>11}")
     for batch in args.batch:
         for context in args.context:

@@ -155,8 +155,7 @@ class BlockManager:
     def _cached_sibling(self, seq: Sequence, index: int, limit: int) -> tuple[int, int] | None:
         """(a named block, positions) holding the longest run of `seq`'s tokens from block
         `index` on, at most `limit`, after the same prefix; None when none shares a token."""
-        parent = self._hashes(seq, index)[-1] if index else self._root(seq)
-        if not (siblings := self._children.get(parent)):
+        if not (siblings := self._children.get(self._parent_name(seq, self._hashes(seq, index), index))):
             return None
         size = self.block_size
         wanted = seq.tokens(index * size, index * size + min(limit, size))
@@ -175,10 +174,11 @@ class BlockManager:
         return best
 
     @staticmethod
-    def _root(seq: Sequence) -> bytes:
-        """The parent name of a sequence's first block. The salt enters hashed, so no salt can
-        pose as another chain's parent digest."""
-        return block_hash(seq.cache_salt.encode(), ())
+    def _parent_name(seq: Sequence, hashes: list[bytes], index: int) -> bytes:
+        """The name block `index` of `seq` is hashed under, given the names before it: the
+        previous block's, or for the first block the salt's. The salt enters hashed, so no salt
+        can pose as another chain's parent digest."""
+        return hashes[index - 1] if index else block_hash(seq.cache_salt.encode(), ())
 
     def _hashes(self, seq: Sequence, count: int) -> list[bytes]:
         """The names of `seq`'s first `count` full blocks (computed once per sequence)."""
@@ -186,8 +186,7 @@ class BlockManager:
         hashes = seq.block_hashes
         while len(hashes) < count:
             i = len(hashes)
-            parent = hashes[-1] if hashes else self._root(seq)
-            hashes.append(block_hash(parent, seq.tokens(i * size, (i + 1) * size)))
+            hashes.append(block_hash(self._parent_name(seq, hashes, i), seq.tokens(i * size, (i + 1) * size)))
         return hashes[:count]
 
     # ---- while running ----
@@ -217,7 +216,7 @@ class BlockManager:
             if h not in self._named and self.names[block] is None:
                 self._named[h] = block
                 self.names[block] = h
-                parent = hashes[i - 1] if i else self._root(seq)
+                parent = self._parent_name(seq, hashes, i)
                 self._children.setdefault(parent, {})[block] = tuple(seq.tokens(i * size, (i + 1) * size))
                 self._parent[block] = parent
         seq.num_named_blocks = full

@@ -405,7 +405,7 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   // Consecutive tokens of one row (a prefill chunk) go in tiles of up to kTileLanes query vectors
   // (token, head of the group), split evenly; the tiles come first, as they cost the most, and
   // lone tokens (decodes) after them.
-  std::vector<Item> items;
+  std::vector<Item> items, singles;
   const bool tiled = D % kW == 0;
   for (int64_t t = 0; t < T;) {
     int64_t end = t + 1;
@@ -416,14 +416,13 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
         const int64_t lane0 = vectors * i / n_tiles, nq = vectors * (i + 1) / n_tiles - lane0;
         for (int64_t kvh = 0; kvh < KVH; ++kvh) items.push_back({t, lane0, nq, kvh});
       }
+    } else {
+      for (int64_t u = t; u < end; ++u)
+        for (int64_t kvh = 0; kvh < KVH; ++kvh) singles.push_back({u, 0, 0, kvh});
     }
     t = end;
   }
-  for (int64_t t = 0; t < T; ++t) {
-    const bool alone = (t == 0 || p.rows[t - 1] != p.rows[t]) && (t + 1 == T || p.rows[t + 1] != p.rows[t]);
-    if (alone || !tiled)
-      for (int64_t kvh = 0; kvh < KVH; ++kvh) items.push_back({t, 0, 0, kvh});
-  }
+  items.insert(items.end(), singles.begin(), singles.end());
 
   // Items differ in cost (context lengths vary; a prefill chunk's tokens grow by one position
   // each), so threads claim them one at a time instead of taking equal slices.
