@@ -32,9 +32,10 @@ TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(ato
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_kernel_equals_the_torch_reference(kernels, monkeypatch, dtype, with_residual):
-    x, weight = torch.randn(5, 96).to(dtype), torch.rand(96) + 0.5
-    residual = torch.randn(5, 96).to(dtype) if with_residual else None
+@pytest.mark.parametrize("size", [96, 100])  # whole vectors, and a tail shorter than one
+def test_rms_norm_kernel_equals_the_torch_reference(kernels, monkeypatch, dtype, with_residual, size):
+    x, weight = torch.randn(5, size).to(dtype), torch.rand(size) + 0.5
+    residual = torch.randn(5, size).to(dtype) if with_residual else None
     out_residual = None if residual is None else residual.clone()
     out = fused.rms_norm(x, weight, 1e-6, out_residual)
     _without_kernels(monkeypatch)
@@ -47,8 +48,9 @@ def test_rms_norm_kernel_equals_the_torch_reference(kernels, monkeypatch, dtype,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_store_kernel_rotates_q_and_k_in_place_and_fills_the_cache_like_torch(kernels, monkeypatch, dtype):
-    T, H, KVH, D, BS = 6, 4, 2, 16, 4
+@pytest.mark.parametrize("D", [16, 72])  # half a head shorter than a vector; whole vectors and a tail
+def test_rope_store_kernel_rotates_q_and_k_in_place_and_fills_the_cache_like_torch(kernels, monkeypatch, dtype, D):
+    T, H, KVH, BS = 6, 4, 2, 4
     qkv = torch.randn(T, (H + 2 * KVH) * D).to(dtype)
     angles = torch.rand(32, D // 2) * 6
     cos, sin = torch.cat((angles.cos(), angles.cos()), -1), torch.cat((angles.sin(), angles.sin()), -1)
@@ -84,7 +86,8 @@ def test_rope_store_kernel_refuses_a_token_with_no_place_in_the_cache(kernels):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul_kernel_equals_the_torch_reference(kernels, monkeypatch, dtype):
-    gate_up = (torch.randn(3, 2 * 40) * 4).to(dtype)
+    gate_up = (torch.randn(3, 2 * 40) * 4).to(dtype)  # a whole vector and a tail, with AVX-512 or AVX2
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's clamps: silu -> -0 and x
     out = fused.silu_mul(gate_up)
     _without_kernels(monkeypatch)
     torch.testing.assert_close(out, fused.silu_mul(gate_up), **TOLERANCE[dtype])

@@ -147,30 +147,39 @@ def test_chunks_of_several_rows_between_decodes(kernel, shape, chunk):
 
 @pytest.mark.parametrize("dtype, atol, rtol", [(torch.bfloat16, 1e-3, 2**-7), (torch.float16, 1e-4, 2**-10)])
 @pytest.mark.parametrize("backend", ["kernel", "torch"])
-def test_reduced_precision_caches(request, backend, dtype, atol, rtol):
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"h{s[0]}kv{s[1]}d{s[2]}")
+def test_reduced_precision_caches(request, backend, dtype, atol, rtol, shape):
     """Inputs are exact in the reference (it reads the same rounded values), so what remains
-    is float32 accumulation and the output's rounding to the dtype (half a unit in the last place)."""
+    is float32 accumulation, the output's rounding to the dtype (half a unit in the last
+    place) and, with bfloat16 tiles on AVX512-BF16, the softmax weights rounded to bfloat16
+    for the weighted sum (head_dim 32 and 64; 40 keeps them float32)."""
     if backend == "kernel":
         request.getfixturevalue("kernel")
-    chunk = [(4, p + 1) for p in range(260, 300)]  # a chunk too: the kernel's tiles
-    case = make_case(9, 3, 64, 16, CONTEXTS, dtype=dtype, queries=[(r, c) for r, c in enumerate(CONTEXTS)] + chunk)
+    # A chunk too, for the kernel's tiles; it ends 11 positions into a block: an odd row out
+    # of the bfloat16 tiles' pairs of rows, its partner never read from the poisoned tail.
+    chunk = [(4, p + 1) for p in range(259, 299)]
+    case = make_case(*shape, 16, CONTEXTS, dtype=dtype, queries=[(r, c) for r, c in enumerate(CONTEXTS)] + chunk)
     assert_matches(pa.paged_attention(*case.args(), backend=backend), case, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("poison", POISONS, ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("backend", ["kernel", "torch"])
-def test_stale_values_outside_contexts_never_leak(request, backend, poison):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stale_values_outside_contexts_never_leak(request, backend, poison, dtype):
     """Tails of last blocks, blocks no table uses and the padding block hold NaN/inf: the
-    output is the same, bit for bit, as with zeros there."""
+    output is the same, bit for bit, as with zeros there. Chunks too (the kernel's tiles)."""
     if backend == "kernel":
         request.getfixturevalue("kernel")
-    poisoned = make_case(9, 3, 64, 16, CONTEXTS, poison=poison)
-    clean = make_case(9, 3, 64, 16, CONTEXTS, poison=None)
+    # Row 3's chunk ends one position into a block: the odd row out of the bfloat16 tiles'
+    # pairs, whose partner would be the poisoned tail.
+    queries = [(r, c) for r, c in enumerate(CONTEXTS)] + [(3, 16), (3, 17)] + [(4, p + 1) for p in range(259, 299)]
+    poisoned = make_case(9, 3, 64, 16, CONTEXTS, poison=poison, dtype=dtype, queries=queries)
+    clean = make_case(9, 3, 64, 16, CONTEXTS, poison=None, dtype=dtype, queries=queries)
     assert poisoned.k_cache.isnan().any() or poisoned.k_cache.isinf().any()
     out = pa.paged_attention(*poisoned.args(), backend=backend)
     assert torch.isfinite(out).all()
     assert torch.equal(out, pa.paged_attention(*clean.args(), backend=backend))
-    assert_matches(out, poisoned)
+    assert_matches(out, poisoned, **({} if dtype == torch.float32 else dict(atol=1e-3, rtol=2**-7)))
 
 
 @pytest.mark.cuda

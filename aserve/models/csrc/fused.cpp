@@ -8,8 +8,21 @@
 #include <cmath>
 
 #include "ops.h"
+#include "simd.h"
 
 namespace {
+
+namespace simd = aserve::simd;
+using simd::hsum;
+using simd::kW;
+using simd::load;
+using simd::load_f;
+using simd::store_f;
+using simd::Vec;
+
+// Each loop runs over whole vectors (simd.h), then the last D % kW values one at a time: the
+// scalar version of each was 10-20x slower in bfloat16 (a value-at-a-time conversion and a
+// scalar std::exp), 17% of a batch-64 decode step of the default model.
 
 template <typename scalar_t>
 void rms_norm_rows(scalar_t* x, scalar_t* residual, const float* w, scalar_t* out, int64_t T, int64_t D,
@@ -18,19 +31,25 @@ void rms_norm_rows(scalar_t* x, scalar_t* residual, const float* w, scalar_t* ou
     for (int64_t t = begin; t < end; ++t) {
       const scalar_t* xr = x + t * D;
       scalar_t* rr = residual ? residual + t * D : nullptr;
-      float sum = 0.f;
-      for (int64_t i = 0; i < D; ++i) {
-        float v = static_cast<float>(xr[i]);
-        if (rr) {  // residual += x, rounded to the residual's dtype as an unfused add would be
-          rr[i] = static_cast<scalar_t>(static_cast<float>(rr[i]) + v);
-          v = static_cast<float>(rr[i]);
-        }
-        sum += v * v;
+      // residual += x first, rounded to the residual's dtype as an unfused add would be
+      if (rr) {
+        int64_t i = 0;
+        for (; i + kW <= D; i += kW) store_f(rr + i, load_f(rr + i) + load_f(xr + i));
+        for (; i < D; ++i) rr[i] = static_cast<scalar_t>(static_cast<float>(rr[i]) + static_cast<float>(xr[i]));
       }
-      const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + eps);
       const scalar_t* src = rr ? rr : xr;
-      for (int64_t i = 0; i < D; ++i)
-        out[t * D + i] = static_cast<scalar_t>(static_cast<float>(src[i]) * inv * w[i]);
+      Vec acc = {};
+      int64_t i = 0;
+      for (; i + kW <= D; i += kW) {
+        const Vec v = load_f(src + i);
+        acc += v * v;
+      }
+      float sum = hsum(acc);
+      for (; i < D; ++i) sum += static_cast<float>(src[i]) * static_cast<float>(src[i]);
+      const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + eps);
+      scalar_t* o = out + t * D;
+      for (i = 0; i + kW <= D; i += kW) store_f(o + i, load_f(src + i) * inv * load(w + i));
+      for (; i < D; ++i) o[i] = static_cast<scalar_t>(static_cast<float>(src[i]) * inv * w[i]);
     }
   });
 }
@@ -47,7 +66,13 @@ void rope_store_rows(scalar_t* qkv, const int64_t* pos, const float* cos, const 
       const float* s = sin + pos[t] * D;
       for (int64_t h = 0; h < H + KVH; ++h) {  // q heads, then k heads: rotate-half RoPE
         scalar_t* x = row + h * D;
-        for (int64_t i = 0; i < half; ++i) {
+        int64_t i = 0;
+        for (; i + kW <= half; i += kW) {
+          const Vec a = load_f(x + i), b = load_f(x + i + half);
+          store_f(x + i, a * load(c + i) - b * load(s + i));
+          store_f(x + i + half, b * load(c + i + half) + a * load(s + i + half));
+        }
+        for (; i < half; ++i) {
           const float a = static_cast<float>(x[i]), b = static_cast<float>(x[i + half]);
           x[i] = static_cast<scalar_t>(a * c[i] - b * s[i]);
           x[i + half] = static_cast<scalar_t>(b * c[i + half] + a * s[i + half]);
@@ -67,9 +92,15 @@ void silu_mul_rows(const scalar_t* gu, scalar_t* out, int64_t T, int64_t I) {
   at::parallel_for(0, T, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const scalar_t* g = gu + t * 2 * I;
-      for (int64_t i = 0; i < I; ++i) {
+      scalar_t* o = out + t * I;
+      int64_t i = 0;
+      for (; i + kW <= I; i += kW) {
+        const Vec a = load_f(g + i);
+        store_f(o + i, a / (1.f + simd::exp_approx(-a)) * load_f(g + I + i));
+      }
+      for (; i < I; ++i) {
         const float a = static_cast<float>(g[i]);
-        out[t * I + i] = static_cast<scalar_t>(a / (1.f + std::exp(-a)) * static_cast<float>(g[I + i]));
+        o[i] = static_cast<scalar_t>(a / (1.f + simd::exp_approx(-a)) * static_cast<float>(g[I + i]));
       }
     }
   });

@@ -89,27 +89,8 @@ void weighted_sum(float* acc, const float* w, int64_t w_stride, const float* val
       for (int64_t j = 0; j < n; ++j) acc[g * D + c] += w[g * w_stride + j] * values[j * D + c];
 }
 
-// exp(x) for the x <= 0 of a softmax after subtracting the max. glibc's vector expf is only
-// declared under -ffast-math, so a loop calling std::exp stays scalar; this branch-free
-// Cephes expf (relative error ~1e-7) vectorizes. x < -87 (and -inf) give ~1e-38 instead
-// of 0, which is below anything a float32 sum of terms including exp(0) = 1 can register.
-inline float exp_nonpositive(float x) {
-  x = x < -87.f ? -87.f : x;
-  const float shift = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const float n = (x * 1.44269504088896341f + shift) - shift;  // round(x / ln 2)
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // x - n ln 2, in two parts
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
-  float pow2;
-  std::memcpy(&pow2, &bits, sizeof pow2);
-  return y * pow2;
-}
+// exp(x) for the x <= 0 of a softmax after subtracting the max (simd.h).
+inline float exp_nonpositive(float x) { return simd::exp_approx(x); }
 
 // A block's rows as float32: float32 caches are used in place, others converted into `buf`.
 inline const float* to_float(const float* src, float*, int64_t) { return src; }
@@ -302,11 +283,128 @@ void tile_sum_lanes(float* acc, const float* alpha, const float* w, int64_t NL, 
   for (; c0 < D; c0 += kW) tile_sum<NQ, 1>(acc, alpha, w, NL, values, n, D, l0, c0);  // tiles need D % kW == 0
 }
 
+#if defined(__AVX512BF16__)
+// The tile's two products in bfloat16 pairs (AVX512-BF16's dot product of pairs,
+// vdpbf16ps): twice the multiply-adds of a float32 FMA per instruction, and the keys are read
+// as they lie in the cache, with no conversion. Scores, softmax and sums stay float32; only
+// the softmax weights are rounded to bfloat16 for the weighted sum, as flash attention does
+// on GPUs. Needs head_dim % 32 == 0.
+constexpr bool kBf16Pairs = true;
+
+inline uint32_t word(const c10::BFloat16* p) {
+  uint32_t w;
+  std::memcpy(&w, p, sizeof w);
+  return w;
+}
+
+// scores[j, lane] = scale * sum_d keys[j, d] * q[lane, d], qp[dp * NL + lane] holding the
+// pair (q[lane, 2dp], q[lane, 2dp + 1]).
+template <int NV>
+void tile_scores_bf16(const uint32_t* qp, const c10::BFloat16* keys, int64_t n, int64_t D, float scale,
+                      float* scores) {
+  constexpr int64_t NL = NV * kW;
+  const __m512 scaled = _mm512_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + kScoreKeys <= n; j += kScoreKeys) {
+    __m512 acc[kScoreKeys][NV];
+    for (int k = 0; k < kScoreKeys; ++k)
+      for (int v = 0; v < NV; ++v) acc[k][v] = _mm512_setzero_ps();
+    for (int64_t dp = 0; dp < D / 2; ++dp) {
+      __m512bh qv[NV];
+      for (int v = 0; v < NV; ++v) qv[v] = (__m512bh)_mm512_loadu_si512(qp + dp * NL + v * kW);
+      for (int k = 0; k < kScoreKeys; ++k) {
+        const __m512bh kd = (__m512bh)_mm512_set1_epi32(int32_t(word(keys + (j + k) * D + 2 * dp)));
+        for (int v = 0; v < NV; ++v) acc[k][v] = _mm512_dpbf16_ps(acc[k][v], qv[v], kd);
+      }
+    }
+    for (int k = 0; k < kScoreKeys; ++k)
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(scores + (j + k) * NL + v * kW, _mm512_mul_ps(acc[k][v], scaled));
+  }
+  for (; j < n; ++j) {
+    __m512 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+    for (int64_t dp = 0; dp < D / 2; ++dp) {
+      const __m512bh kd = (__m512bh)_mm512_set1_epi32(int32_t(word(keys + j * D + 2 * dp)));
+      for (int v = 0; v < NV; ++v)
+        acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)_mm512_loadu_si512(qp + dp * NL + v * kW), kd);
+    }
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(scores + j * NL + v * kW, _mm512_mul_ps(acc[v], scaled));
+  }
+}
+
+// The block's n value rows in pairs of rows: vp[(jp * D + c) * 2 + i] = values[2jp + i, c]; a
+// missing last row (n odd) is zeros, never read from the cache.
+inline void pair_values(const c10::BFloat16* values, int64_t n, int64_t D, c10::BFloat16* vp) {
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                  24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  for (int64_t jp = 0; 2 * jp < n; ++jp) {
+    const c10::BFloat16* r0 = values + 2 * jp * D;
+    const bool second = 2 * jp + 1 < n;
+    for (int64_t c = 0; c < D; c += 32) {
+      const __m512i a = _mm512_loadu_si512(r0 + c);
+      const __m512i b = second ? _mm512_loadu_si512(r0 + D + c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(vp + (jp * D + c) * 2, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(vp + (jp * D + c + 16) * 2, _mm512_permutex2var_epi16(a, hi, b));
+    }
+  }
+}
+
+// The weights w[j, lane] (float32) of rows 2jp and 2jp + 1 as one bfloat16 pair per lane,
+// rounded to nearest even: wp[jp * NL + lane].
+inline __m512i bf16_bits(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+}
+
+template <int NV>
+void pair_weights(const float* w, int64_t n, uint32_t* wp) {
+  constexpr int64_t NL = NV * kW;
+  for (int64_t jp = 0; 2 * jp < n; ++jp)
+    for (int v = 0; v < NV; ++v) {
+      const __m512i a = bf16_bits(_mm512_loadu_ps(w + 2 * jp * NL + v * kW));
+      const __m512i b = 2 * jp + 1 < n ? bf16_bits(_mm512_loadu_ps(w + (2 * jp + 1) * NL + v * kW))
+                                       : _mm512_setzero_si512();
+      const __m512i pair = _mm512_or_si512(_mm512_srli_epi32(a, 16),
+                                           _mm512_and_si512(b, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
+      _mm512_storeu_si512(wp + jp * NL + v * kW, pair);
+    }
+}
+
+// acc[lane, :] = acc[lane, :] * alpha[lane] + sum_j w[j, lane] * values[j, :] for lanes
+// [l0, l0 + NQ) and head_dim chunks [c0, c0 + NC * kW), from the paired values and weights.
+template <int NQ, int NC>
+void tile_sum_bf16(float* acc, const float* alpha, const uint32_t* wp, int64_t NL, const c10::BFloat16* vp,
+                   int64_t pairs, int64_t D, int64_t l0, int64_t c0) {
+  __m512 a[NQ][NC];
+  for (int q = 0; q < NQ; ++q)
+    for (int c = 0; c < NC; ++c)
+      a[q][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + (l0 + q) * D + c0 + c * kW), _mm512_set1_ps(alpha[l0 + q]));
+  for (int64_t jp = 0; jp < pairs; ++jp) {
+    __m512bh v[NC];
+    for (int c = 0; c < NC; ++c) v[c] = (__m512bh)_mm512_loadu_si512(vp + (jp * D + c0 + c * kW) * 2);
+    for (int q = 0; q < NQ; ++q) {
+      const __m512bh wq = (__m512bh)_mm512_set1_epi32(int32_t(wp[jp * NL + l0 + q]));
+      for (int c = 0; c < NC; ++c) a[q][c] = _mm512_dpbf16_ps(a[q][c], v[c], wq);
+    }
+  }
+  for (int q = 0; q < NQ; ++q)
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + (l0 + q) * D + c0 + c * kW, a[q][c]);
+}
+#else
+constexpr bool kBf16Pairs = false;
+#endif
+
 // One tile: query vectors [lane0, lane0 + nq) of the run of tokens of one row that starts at
 // t0, for kv head kvh; vector i is token t0 + i / G, head i % G of the group.
 // scratch: [D, NL] transposed queries, [NL, D] accumulators, [BS, D] x 2 converted keys and
 // values, [BS, NL] scores, then maxima, sums, rescales and context lengths per lane.
-template <typename scalar_t, int NV>
+// PAIRS (bfloat16 caches with AVX512-BF16): the products in bfloat16 pairs, above; the
+// scratch then holds the paired queries, values and weights where the float32 copies would be.
+template <typename scalar_t, int NV, bool PAIRS>
 void attend_tile(const Problem<scalar_t>& p, int64_t t0, int64_t lane0, int64_t nq, int64_t kvh, float* scratch) {
   constexpr int64_t NL = NV * kW;
   const int64_t D = p.D, G = p.G, BS = p.BS;
@@ -328,7 +426,13 @@ void attend_tile(const Problem<scalar_t>& p, int64_t t0, int64_t lane0, int64_t 
     lens[lane] = real ? float(p.lens[t]) : 1.f;
     if (real) len = std::max<int64_t>(len, p.lens[t]);
     const scalar_t* qv = p.q + (t * p.H + kvh * G + (lane0 + lane) % G) * D;
-    for (int64_t d = 0; d < D; ++d) qt[d * NL + lane] = real ? static_cast<float>(qv[d]) * p.scale : 0.f;
+#if defined(__AVX512BF16__)
+    if constexpr (PAIRS) {
+      uint32_t* qp = reinterpret_cast<uint32_t*>(qt);
+      for (int64_t dp = 0; dp < D / 2; ++dp) qp[dp * NL + lane] = real ? word(qv + 2 * dp) : 0u;
+    } else
+#endif
+      for (int64_t d = 0; d < D; ++d) qt[d * NL + lane] = real ? static_cast<float>(qv[d]) * p.scale : 0.f;
     m[lane] = -std::numeric_limits<float>::max();
     l[lane] = 0.f;
   }
@@ -344,7 +448,12 @@ void attend_tile(const Problem<scalar_t>& p, int64_t t0, int64_t lane0, int64_t 
       prefetch(p.block_ptr(p.v, table, b + 1, kvh), block_bytes);
     }
     const int64_t start = b * BS, n = std::min(BS, len - start);  // never past the longest context
-    tile_scores<NV>(qt, to_float(p.block_ptr(p.k, table, b, kvh), kbuf, n * D), n, D, s);
+#if defined(__AVX512BF16__)
+    if constexpr (PAIRS)
+      tile_scores_bf16<NV>(reinterpret_cast<const uint32_t*>(qt), p.block_ptr(p.k, table, b, kvh), n, D, p.scale, s);
+    else
+#endif
+      tile_scores<NV>(qt, to_float(p.block_ptr(p.k, table, b, kvh), kbuf, n * D), n, D, s);
 
     // Online softmax: the block's maxima, the rescale of what was summed so far, then the
     // weights, exactly 0 for positions a lane must not see.
@@ -373,6 +482,20 @@ void attend_tile(const Problem<scalar_t>& p, int64_t t0, int64_t lane0, int64_t 
       }
     }
 
+#if defined(__AVX512BF16__)
+    if constexpr (PAIRS) {
+      c10::BFloat16* vp = reinterpret_cast<c10::BFloat16*>(vbuf);
+      uint32_t* wp = reinterpret_cast<uint32_t*>(kbuf);
+      pair_values(p.block_ptr(p.v, table, b, kvh), n, D, vp);
+      pair_weights<NV>(s, n, wp);
+      for (int64_t l0 = 0; l0 < nq; l0 += kSumLanes) {
+        int64_t c0 = 0;
+        for (; c0 + 4 * kW <= D; c0 += 4 * kW) tile_sum_bf16<kSumLanes, 4>(acc, alpha, wp, NL, vp, (n + 1) / 2, D, l0, c0);
+        if (c0 < D) tile_sum_bf16<kSumLanes, 2>(acc, alpha, wp, NL, vp, (n + 1) / 2, D, l0, c0);  // D % 64 == 32
+      }
+      continue;
+    }
+#endif
     const float* values = to_float(p.block_ptr(p.v, table, b, kvh), vbuf, n * D);
     int64_t l0 = 0;
     for (int64_t g = 0; g < lane_groups; ++g, l0 += kSumLanes)
@@ -426,6 +549,9 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
 
   // Items differ in cost (context lengths vary; a prefill chunk's tokens grow by one position
   // each), so threads claim them one at a time instead of taking equal slices.
+  // bfloat16 pairs where the CPU has them (and head_dim is whole 32-value chunks).
+  constexpr bool kPairs = kBf16Pairs && std::is_same_v<scalar_t, c10::BFloat16>;
+  const bool pairs = kPairs && D % 32 == 0;
   std::atomic<int64_t> next{0};
   const int64_t n_items = int64_t(items.size());
   const int64_t workers = std::min<int64_t>(n_items, at::get_num_threads());
@@ -437,10 +563,14 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
       const Item& item = items[i];
       if (item.nq == 0)
         attend(p, item.t0, item.kvh, scratch.data());
+      else if (pairs && item.nq <= kW)
+        attend_tile<scalar_t, 1, kPairs>(p, item.t0, item.lane0, item.nq, item.kvh, scratch.data());
+      else if (pairs)
+        attend_tile<scalar_t, 2, kPairs>(p, item.t0, item.lane0, item.nq, item.kvh, scratch.data());
       else if (item.nq <= kW)
-        attend_tile<scalar_t, 1>(p, item.t0, item.lane0, item.nq, item.kvh, scratch.data());
+        attend_tile<scalar_t, 1, false>(p, item.t0, item.lane0, item.nq, item.kvh, scratch.data());
       else
-        attend_tile<scalar_t, 2>(p, item.t0, item.lane0, item.nq, item.kvh, scratch.data());
+        attend_tile<scalar_t, 2, false>(p, item.t0, item.lane0, item.nq, item.kvh, scratch.data());
     }
   });
 }
