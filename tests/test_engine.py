@@ -171,11 +171,16 @@ def _nan(logits, row):
     logits[row, 7] = float("nan")
 
 
+def _inf(logits, row):
+    logits[row, 7] = float("inf")
+
+
 def _oom(logits, row):
     raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
 
-@pytest.mark.parametrize(("fault", "message"), [(_nan, "non-finite logits"), (_oom, "out of memory")])
+@pytest.mark.parametrize(("fault", "message"),
+                         [(_nan, "non-finite logits"), (_inf, "non-finite logits"), (_oom, "out of memory")])
 async def test_a_nan_or_out_of_memory_in_one_request_fails_only_that_request(tiny_llama_dir, fault, message):
     async with running_engine(tiny_llama_dir) as engine:
         expected = [await collect(engine, f"ref{i}", p) for i, p in enumerate(PROMPTS[:2])]
