@@ -186,8 +186,9 @@ class ModelRunner:
 # layer, bfloat16, SmolLM2 shapes, 16 sequences at context 1,600 (`python
 # bench/paged_attention.py --dtype bfloat16 --batch 1 16 --chunk 8 21 256 --context 1600`, the
 # 2-core AMD EPYC of 2026-12-04): built for AVX-512 it was 1.2-1.9x faster than gathering for
-# SDPA at every chunk length; built for AVX2 only (-march=haswell, with torch limited to AVX2
-# too), 1.1-1.4x faster up to 21 tokens and 0.6x at 256.
+# SDPA at every chunk length (2.0-3.2x with AVX512-BF16's pair products, 2026-12-05); built for
+# AVX2 only (-march=haswell, with torch limited to AVX2 too), 1.1-1.4x faster up to 21 tokens
+# and 0.6x at 256.
 PAGED_CHUNK_MAX_AVX2 = 32
 
 

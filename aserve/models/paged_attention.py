@@ -19,7 +19,10 @@ against. bench/paged_attention.py compares both with the contiguous-slot layout.
 
 The kernel also serves prefill chunks over cached positions (one query per token, each with
 its own context length): a run of tokens of one row is attended together, in tiles of up to
-32 query vectors (16 on AVX2), as small matrix products (csrc/paged_attention.cpp).
+32 query vectors (16 on AVX2), as small matrix products (csrc/paged_attention.cpp); with
+bfloat16 caches on a CPU with AVX512-BF16 those products take bfloat16 pairs, twice the
+multiply-adds per instruction, and only the softmax weights are rounded to bfloat16 for the
+weighted sum (as GPU flash attention does).
 """
 
 from __future__ import annotations

@@ -290,6 +290,7 @@ void tile_sum_lanes(float* acc, const float* alpha, const float* w, int64_t NL, 
 // the softmax weights are rounded to bfloat16 for the weighted sum, as flash attention does
 // on GPUs. Needs head_dim % 32 == 0.
 constexpr bool kBf16Pairs = true;
+constexpr int kPairKeys = 8;  // keys per score tile (x the tile's lane Vecs): 16 accumulators at NV = 2
 
 inline uint32_t word(const c10::BFloat16* p) {
   uint32_t w;
@@ -305,19 +306,19 @@ void tile_scores_bf16(const uint32_t* qp, const c10::BFloat16* keys, int64_t n, 
   constexpr int64_t NL = NV * kW;
   const __m512 scaled = _mm512_set1_ps(scale);
   int64_t j = 0;
-  for (; j + kScoreKeys <= n; j += kScoreKeys) {
-    __m512 acc[kScoreKeys][NV];
-    for (int k = 0; k < kScoreKeys; ++k)
+  for (; j + kPairKeys <= n; j += kPairKeys) {
+    __m512 acc[kPairKeys][NV];
+    for (int k = 0; k < kPairKeys; ++k)
       for (int v = 0; v < NV; ++v) acc[k][v] = _mm512_setzero_ps();
     for (int64_t dp = 0; dp < D / 2; ++dp) {
       __m512bh qv[NV];
       for (int v = 0; v < NV; ++v) qv[v] = (__m512bh)_mm512_loadu_si512(qp + dp * NL + v * kW);
-      for (int k = 0; k < kScoreKeys; ++k) {
+      for (int k = 0; k < kPairKeys; ++k) {
         const __m512bh kd = (__m512bh)_mm512_set1_epi32(int32_t(word(keys + (j + k) * D + 2 * dp)));
         for (int v = 0; v < NV; ++v) acc[k][v] = _mm512_dpbf16_ps(acc[k][v], qv[v], kd);
       }
     }
-    for (int k = 0; k < kScoreKeys; ++k)
+    for (int k = 0; k < kPairKeys; ++k)
       for (int v = 0; v < NV; ++v) _mm512_storeu_ps(scores + (j + k) * NL + v * kW, _mm512_mul_ps(acc[k][v], scaled));
   }
   for (; j < n; ++j) {
