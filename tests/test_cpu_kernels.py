@@ -76,6 +76,19 @@ def test_rope_store_kernel_rotates_q_and_k_in_place_and_fills_the_cache_like_tor
     assert torch.equal(again[0], qkv[0])
 
 
+def test_rope_store_kernel_keeps_a_nan_a_nan_in_bfloat16(kernels):
+    # A NaN whose payload is all ones (0x7FFFFFFF) in the float32 cos table reaches q and k as
+    # that NaN; rounding it to bfloat16 like a number would carry it into the sign bit: -0.
+    T, H, KVH, D, BS = 1, 2, 1, 32, 4
+    qkv = torch.ones(T, (H + 2 * KVH) * D, dtype=torch.bfloat16)
+    cos, sin = torch.ones(4, D), torch.zeros(4, D)
+    cos.view(torch.int32)[0] = 0x7FFFFFFF
+    cache = torch.zeros(2, KVH, BS, D, dtype=torch.bfloat16)
+    kernels.rope_store(qkv, torch.tensor([0]), cos, sin, H, KVH, cache, cache.clone(), torch.tensor([0]),
+                       torch.tensor([0]))
+    assert qkv[:, : (H + KVH) * D].isnan().all()
+
+
 def test_rope_store_kernel_refuses_a_token_with_no_place_in_the_cache(kernels):
     qkv, cos = torch.randn(1, 4 * 16), torch.ones(8, 16)
     cache = torch.zeros(2, 1, 4, 16)
@@ -87,7 +100,7 @@ def test_rope_store_kernel_refuses_a_token_with_no_place_in_the_cache(kernels):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul_kernel_equals_the_torch_reference(kernels, monkeypatch, dtype):
     gate_up = (torch.randn(3, 2 * 40) * 4).to(dtype)  # a whole vector and a tail, with AVX-512 or AVX2
-    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's clamps: silu -> -0 and x
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's clamps: silu -> about -0, and x
     out = fused.silu_mul(gate_up)
     _without_kernels(monkeypatch)
     torch.testing.assert_close(out, fused.silu_mul(gate_up), **TOLERANCE[dtype])

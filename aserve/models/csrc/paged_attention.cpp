@@ -14,7 +14,8 @@
 // - A tile of consecutive query tokens of one row (a prefill chunk over cached positions)
 //   and one kv head: up to 2 Vecs of query vectors (tokens x the head group) are attended together,
 //   flash-attention style (an online softmax, block by block). Each block is converted once
-//   for the whole tile and the products run as small register-tiled matrix products, where
+//   for the whole tile (with AVX512-BF16 and bfloat16 caches: keys read as they are, values
+//   interleaved in pairs of rows) and the products run as small register-tiled matrix products, where
 //   the per-token path would read and convert the context once per token and reduce each
 //   dot product across a vector: 3-4x faster for a chunk of 20 tokens (bench/paged_attention.py
 //   --chunk).
@@ -358,7 +359,9 @@ inline void pair_values(const c10::BFloat16* values, int64_t n, int64_t D, c10::
 inline __m512i bf16_bits(__m512 x) {
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  return _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  // A NaN stays NaN: rounding would carry a payload of all ones into the sign bit (-0).
+  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
 }
 
 template <int NV>

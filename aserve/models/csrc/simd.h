@@ -46,8 +46,8 @@ inline float hsum(Vec v) {
 }
 
 // kW values of an activation or cache tensor as float32, and back, rounded as torch rounds
-// (to nearest even; a NaN made by arithmetic is quiet, bit 22 set, so rounding cannot carry
-// it into inf). bfloat16 is the top half of a float32, so both ways are
+// (to nearest even; every NaN becomes torch's 0x7FC0, where rounding would carry a payload of
+// all ones into the sign bit and make it -0). bfloat16 is the top half of a float32, so both ways are
 // a few integer vector ops; float16 converts a value at a time (rare on CPUs).
 inline Vec load_f(const float* p) { return load(p); }
 
@@ -71,7 +71,9 @@ inline void store_f(float* p, Vec v) { store(p, v); }
 inline void store_f(c10::BFloat16* p, Vec v) {
   UVec bits;
   __builtin_memcpy(&bits, &v, sizeof bits);
-  const UVec rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  UVec rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const UVec nan = (UVec)(v != v);  // all ones in a NaN lane
+  rounded = (rounded & ~nan) | (nan & 0x7FC0u);
   const HVec h = __builtin_convertvector(rounded, HVec);
   __builtin_memcpy(p, &h, sizeof h);
 }
