@@ -38,9 +38,6 @@
 #include <limits>
 #include <vector>
 
-#if defined(__F16C__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 namespace {
 
@@ -96,28 +93,10 @@ inline float exp_nonpositive(float x) { return simd::exp_approx(x); }
 // A block's rows as float32: float32 caches are used in place, others converted into `buf`.
 inline const float* to_float(const float* src, float*, int64_t) { return src; }
 
-inline const float* to_float(const c10::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t bits = uint32_t(s[i]) << 16;  // bfloat16 is the top half of a float32
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    dst[i] = f;
-  }
-  return dst;
-}
-
-inline const float* to_float(const c10::Half* src, float* dst, int64_t n) {
+template <typename scalar_t>
+inline const float* to_float(const scalar_t* src, float* dst, int64_t n) {
   int64_t i = 0;
-  // c10::Half converts one value at a time; the F16C/AVX-512 instructions convert 8/16.
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
-#elif defined(__F16C__)
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-#endif
+  for (; i + kW <= n; i += kW) store(dst + i, simd::load_f(src + i));
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
   return dst;
 }
@@ -355,26 +334,16 @@ inline void pair_values(const c10::BFloat16* values, int64_t n, int64_t D, c10::
 }
 
 // The weights w[j, lane] (float32) of rows 2jp and 2jp + 1 as one bfloat16 pair per lane,
-// rounded to nearest even: wp[jp * NL + lane].
-inline __m512i bf16_bits(__m512 x) {
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  // A NaN stays NaN: rounding would carry a payload of all ones into the sign bit (-0).
-  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-}
-
+// rounded as simd::store_f rounds: wp[jp * NL + lane].
 template <int NV>
 void pair_weights(const float* w, int64_t n, uint32_t* wp) {
   constexpr int64_t NL = NV * kW;
   for (int64_t jp = 0; 2 * jp < n; ++jp)
     for (int v = 0; v < NV; ++v) {
-      const __m512i a = bf16_bits(_mm512_loadu_ps(w + 2 * jp * NL + v * kW));
-      const __m512i b = 2 * jp + 1 < n ? bf16_bits(_mm512_loadu_ps(w + (2 * jp + 1) * NL + v * kW))
-                                       : _mm512_setzero_si512();
-      const __m512i pair = _mm512_or_si512(_mm512_srli_epi32(a, 16),
-                                           _mm512_and_si512(b, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
-      _mm512_storeu_si512(wp + jp * NL + v * kW, pair);
+      const simd::UVec a = simd::bf16_rounded(load(w + 2 * jp * NL + v * kW));
+      const simd::UVec b = 2 * jp + 1 < n ? simd::bf16_rounded(load(w + (2 * jp + 1) * NL + v * kW)) : simd::UVec{};
+      const simd::UVec pair = (a >> 16) | (b & 0xFFFF0000u);
+      std::memcpy(wp + jp * NL + v * kW, &pair, sizeof pair);
     }
 }
 
@@ -444,7 +413,6 @@ void attend_tile(const Problem<scalar_t>& p, int64_t t0, int64_t lane0, int64_t 
   const int32_t* table = p.tables + int64_t(p.rows[t0]) * p.max_blocks;
   const int64_t blocks = (len + BS - 1) / BS;
   const int64_t block_bytes = BS * D * int64_t(sizeof(scalar_t));
-  const int64_t lane_groups = (nq + kSumLanes - 1) / kSumLanes;
 
   for (int64_t b = 0; b < blocks; ++b) {
     if (b + 1 < blocks) {
@@ -501,9 +469,7 @@ void attend_tile(const Problem<scalar_t>& p, int64_t t0, int64_t lane0, int64_t 
     }
 #endif
     const float* values = to_float(p.block_ptr(p.v, table, b, kvh), vbuf, n * D);
-    int64_t l0 = 0;
-    for (int64_t g = 0; g < lane_groups; ++g, l0 += kSumLanes)
-      tile_sum_lanes<kSumLanes>(acc, alpha, s, NL, values, n, D, l0);
+    for (int64_t l0 = 0; l0 < nq; l0 += kSumLanes) tile_sum_lanes<kSumLanes>(acc, alpha, s, NL, values, n, D, l0);
   }
 
   for (int64_t lane = 0; lane < nq; ++lane) {
@@ -551,11 +517,12 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   }
   items.insert(items.end(), singles.begin(), singles.end());
 
-  // Items differ in cost (context lengths vary; a prefill chunk's tokens grow by one position
-  // each), so threads claim them one at a time instead of taking equal slices.
   // bfloat16 pairs where the CPU has them (and head_dim is whole 32-value chunks).
   constexpr bool kPairs = kBf16Pairs && std::is_same_v<scalar_t, c10::BFloat16>;
   const bool pairs = kPairs && D % 32 == 0;
+
+  // Items differ in cost (context lengths vary; a prefill chunk's tokens grow by one position
+  // each), so threads claim them one at a time instead of taking equal slices.
   std::atomic<int64_t> next{0};
   const int64_t n_items = int64_t(items.size());
   const int64_t workers = std::min<int64_t>(n_items, at::get_num_threads());

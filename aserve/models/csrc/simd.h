@@ -12,6 +12,10 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace aserve::simd {
 
 #if defined(__AVX512F__)
@@ -45,10 +49,10 @@ inline float hsum(Vec v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// kW values of an activation or cache tensor as float32, and back, rounded as torch rounds
-// (to nearest even; every NaN becomes torch's 0x7FC0, where rounding would carry a payload of
-// all ones into the sign bit and make it -0). bfloat16 is the top half of a float32, so both ways are
-// a few integer vector ops; float16 converts a value at a time (rare on CPUs).
+// kW values of an activation or cache tensor as float32, and back, rounded as torch rounds.
+// bfloat16 is the top half of a float32, so both ways are a few integer vector ops; float16
+// loads with the F16C/AVX-512 conversions where the CPU has them (c10::Half converts one value
+// at a time) and stores a value at a time (rare on CPUs).
 inline Vec load_f(const float* p) { return load(p); }
 
 inline Vec load_f(const c10::BFloat16* p) {
@@ -61,20 +65,34 @@ inline Vec load_f(const c10::BFloat16* p) {
 }
 
 inline Vec load_f(const c10::Half* p) {
+#if defined(__AVX512F__)
+  const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+  const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
   float f[kW];
   for (int64_t i = 0; i < kW; ++i) f[i] = static_cast<float>(p[i]);
-  return load(f);
+#endif
+  Vec v;
+  __builtin_memcpy(&v, &f, sizeof v);
+  return v;
+}
+
+// v rounded to bfloat16 to nearest even, in the top half of each 32-bit lane (the bottom half
+// is left over). Every NaN becomes torch's 0x7FC0: rounding would carry a payload of all ones
+// into the sign bit and make it -0.
+inline UVec bf16_rounded(Vec v) {
+  UVec bits;
+  __builtin_memcpy(&bits, &v, sizeof bits);
+  const UVec rounded = bits + (((bits >> 16) & 1u) + 0x7FFFu);
+  const UVec nan = (UVec)(v != v);  // all ones in a NaN lane
+  return (rounded & ~nan) | (nan & 0x7FC00000u);
 }
 
 inline void store_f(float* p, Vec v) { store(p, v); }
 
 inline void store_f(c10::BFloat16* p, Vec v) {
-  UVec bits;
-  __builtin_memcpy(&bits, &v, sizeof bits);
-  UVec rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
-  const UVec nan = (UVec)(v != v);  // all ones in a NaN lane
-  rounded = (rounded & ~nan) | (nan & 0x7FC0u);
-  const HVec h = __builtin_convertvector(rounded, HVec);
+  const HVec h = __builtin_convertvector(bf16_rounded(v) >> 16, HVec);
   __builtin_memcpy(p, &h, sizeof h);
 }
 
